@@ -1,0 +1,115 @@
+"""The CPU training copy: vLLM-shaped tensors in shared-memory files, filled from a model directory.
+
+On CPU vLLM repacks its linear weights into kernels and drops the plain tensors, so
+livetrain keeps the weights being trained itself: one ``/dev/shm`` file per vLLM
+parameter (merged and padded exactly as vLLM holds it, in the checkpoint's dtype), in
+a 0700 directory named ``livetrain-*``. The training worker maps them and trains
+Hugging Face-named views of them; vLLM either serves them directly or reloads its
+kernels from them. A ``manifest.json`` beside the files lets any process map the
+whole copy again, and the copy outlives the processes that use it until it is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from livetrain.weights.handles import (SharedMemoryHandle, create_shared_file, dtype_from_name, handle_from_dict,
+                                      map_handle)
+from livetrain.weights.layout import Layout, LayoutError
+
+MANIFEST = "manifest.json"
+SHM_PREFIX = "livetrain-"
+
+
+class SharedCopyError(RuntimeError):
+    """The shared copy cannot be created or opened (directory taken, manifest missing or stale)."""
+
+
+def checkpoint_tensors(model_dir: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor in a model directory's safetensors files: name -> (file name, shape).
+
+    Reads only the headers.
+    """
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise SharedCopyError(f"{model_dir} has no .safetensors files")
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = (path.name, tuple(f.get_slice(name).get_shape()))
+    return tensors
+
+
+def create_shared_copy(model_dir: str | Path, layout: Layout, directory: str | Path) -> dict[str, SharedMemoryHandle]:
+    """Create the shared copy of every parameter in ``layout`` from ``model_dir``'s safetensors.
+
+    ``directory`` must not exist yet; it is created with mode 0700 and its basename must
+    start with ``livetrain-``. Each vLLM parameter gets a file (mode 0600) of its full vLLM
+    shape in the dtype of its checkpoint tensors; padding rows are zero. Returns vLLM
+    parameter name -> handle and writes the same, with the layout, to ``manifest.json``.
+    """
+    directory = Path(directory)
+    if not directory.name.startswith(SHM_PREFIX):
+        raise SharedCopyError(f"shared copy directory {directory} must be named {SHM_PREFIX}*")
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        raise SharedCopyError(f"{directory} already exists; open it or remove it first") from None
+    try:
+        stored = checkpoint_tensors(model_dir)
+        files: dict[str, object] = {}
+        handles: dict[str, SharedMemoryHandle] = {}
+        for index, param in enumerate(layout.params.values()):
+            sources = []
+            for s in param.slices:
+                if s.hf_name not in stored:
+                    raise LayoutError(f"{param.name}: {s.hf_name} is not in {model_dir}")
+                file_name = stored[s.hf_name][0]
+                if file_name not in files:
+                    files[file_name] = safe_open(Path(model_dir) / file_name, framework="pt")
+                sources.append((s, files[file_name].get_tensor(s.hf_name)))
+            dtype = sources[0][1].dtype if sources else dtype_from_name(param.dtype)
+            tensor, handle = create_shared_file(directory / f"{index:05d}.bin", dtype, param.shape)
+            for s, source in sources:
+                if source.dtype != dtype:
+                    raise SharedCopyError(f"{param.name}: its checkpoint tensors mix {dtype} and {source.dtype}")
+                tensor[s.rows[0]:s.rows[1]].copy_(source[s.hf_rows[0]:s.hf_rows[1]])
+            handles[param.name] = handle
+        manifest = {"model_dir": str(model_dir), "layout": layout.to_dict(),
+                    "handles": {name: h.to_dict() for name, h in handles.items()}}
+        (directory / MANIFEST).write_text(json.dumps(manifest))
+        os.chmod(directory / MANIFEST, 0o600)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return handles
+
+
+def open_shared_copy(directory: str | Path) -> tuple[Layout, dict[str, torch.Tensor]]:
+    """Map an existing shared copy: its layout and vLLM parameter name -> mapped tensor."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise SharedCopyError(f"{directory} holds no shared copy ({MANIFEST} missing)") from None
+    return Layout.from_dict(manifest["layout"]), map_handles(manifest["handles"])
+
+
+def map_handles(handles: Mapping[str, dict]) -> dict[str, torch.Tensor]:
+    """vLLM parameter name -> handle dict, mapped into this process (no copies)."""
+    return {name: map_handle(handle_from_dict(h)) for name, h in handles.items()}
+
+
+def remove_shared_copy(directory: str | Path) -> None:
+    """Delete a shared copy (only ``livetrain-*`` directories). Mapped tensors stay valid until unmapped."""
+    directory = Path(directory)
+    if not directory.name.startswith(SHM_PREFIX):
+        raise SharedCopyError(f"refusing to remove {directory}: not a livetrain shared copy")
+    shutil.rmtree(directory, ignore_errors=True)
