@@ -74,10 +74,8 @@ def _check_messages(field: str, messages: Any) -> list[dict]:
 
 
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                        return_dict=False)
-    # Some tokenizers return a BatchEncoding even with return_dict=False.
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                              return_dict=True)["input_ids"])
 
 
 def _split_chat(tokenizer, context: list[dict], answer: list[dict],
@@ -176,7 +174,8 @@ def parse_record(record: Any, tokenizer=None) -> Example:
         return tokenize_prompt_completion(tokenizer, record["prompt"], record["completion"])
     missing = [f for f in ("chosen", "rejected") if f not in record]
     if missing:
-        raise DataFormatError(missing[0], "missing (with prompt, give completion, or chosen and rejected)")
+        field = "completion" if len(missing) == 2 else missing[0]
+        raise DataFormatError(field, "missing (with prompt, give completion, or chosen and rejected)")
     context, answers = _prompt_and_answers(tokenizer, record["prompt"],
                                            {"chosen": record["chosen"], "rejected": record["rejected"]})
     return PreferenceExample(context, answers["chosen"], answers["rejected"])
