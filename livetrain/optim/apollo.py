@@ -1,0 +1,363 @@
+"""APOLLO and APOLLO-Mini (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level
+Performance", arXiv:2412.05270).
+
+AdamW divides every gradient entry by its own running RMS, which costs two full-size
+moment tensors. APOLLO observes that the effect of that division, measured per channel,
+can be estimated in a small random projection of the gradient. Per 2-D weight W
+(m, n) with gradient G (m, n):
+
+1. Project G on its smaller side with a seeded Gaussian matrix P (r, k), entries
+   N(0, 1/r), k the projected side's size (k = n when m >= n, else k = m):
+       m >= n:  R = G Pᵀ   (m, r)   channels are the m rows
+       m <  n:  R = P G    (r, n)   channels are the n columns
+2. Adam moments of R only (the shape of R), N = M / (√V + eps).
+3. Scaling factor per channel c:  s_c = ‖N_c‖ / ‖R_c‖   (scale_type "channel"),
+   or one scalar s = ‖N‖ / ‖R‖                          (scale_type "tensor").
+4. Update direction U = G·diag(s) (s along the channels: each channel of the raw
+   gradient keeps its direction), limited so that ‖U‖ grows at most γ per step.
+5. W ← W·(1 − lr·λ) − lr · (√(1−β2ᵗ) / (1−β1ᵗ)) · α · U,  α = √(k / r) by default.
+
+P is regenerated from a per-parameter seed every `update_proj_gap` steps; it is never
+saved. Parameters in a group with `rank=None` (norms, biases, embeddings) take plain
+AdamW. See docs/optimizer.md for where this differs from the authors' code, and why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from livetrain.optim.stochastic_rounding import copy_stochastic_
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+SCALE_TYPES = ("channel", "tensor")
+# Guards a zero denominator in the scaling factor and in the limiter (the authors' value).
+_TINY = 1e-8
+# Independent random streams derived from one parameter's seed.
+_PROJECTION_STREAM = 1
+_ROUNDING_STREAM = 2
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 finalizer), stable across runs and versions."""
+    mixed = 0x9E3779B97F4A7C15
+    for value in values:
+        mixed = ((mixed ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        mixed ^= mixed >> 31
+        mixed = (mixed * 0x94D049BB133111EB) & _MASK64
+        mixed ^= mixed >> 29
+    return mixed >> 1
+
+
+def projected_axis(weight: torch.Tensor) -> int:
+    """The axis of a 2-D weight that the projection reduces: its smaller side (columns on ties)."""
+    return 1 if weight.shape[0] >= weight.shape[1] else 0
+
+
+def effective_rank(weight: torch.Tensor, rank: int) -> int:
+    """`rank`, capped at the projected side: projecting k values onto more than k gains nothing."""
+    return min(rank, weight.shape[projected_axis(weight)])
+
+
+class Apollo(Optimizer):
+    """APOLLO (defaults: rank 256, channel-wise) with per-group hyper-parameters.
+
+    Args:
+        params: parameters or parameter groups (dicts may override any argument below).
+            With `rank` set, every parameter of the group must be 2-D.
+        lr: learning rate.
+        rank: projection rank r (capped per weight at its smaller side), or None for plain
+            AdamW (for norms, biases and embeddings in the same optimizer).
+        scale_type: "channel" (one scaling factor per channel, for r > 1) or "tensor"
+            (one per weight, for r = 1).
+        scale: α, the factor on the update. None: √(k / r) per weight, k the projected
+            side, so the update has AdamW's size. The authors' package takes α² as its
+            `scale` argument: their `scale=128` (the paper's APOLLO-Mini) is `math.sqrt(128)`.
+        update_proj_gap: steps between projection refreshes.
+        betas, eps: Adam's moment decays and denominator guard.
+        weight_decay: decoupled weight decay λ (W ← W·(1 − lr·λ)).
+        norm_growth_limit: γ, the most the update's norm may grow per step; None disables.
+        stochastic_rounding: round updated bf16 weights stochastically. None: on for bf16
+            weights. Other dtypes round to nearest (fp32 weights are updated in place).
+        seed: base seed of the projections and of the rounding noise.
+    """
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, rank: int | None = 256,
+                 scale_type: str = "channel", scale: float | None = None,
+                 update_proj_gap: int = 200, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0,
+                 norm_growth_limit: float | None = 1.01,
+                 stochastic_rounding: bool | None = None, seed: int = 0) -> None:
+        defaults = dict(lr=lr, rank=rank, scale_type=scale_type, scale=scale,
+                        update_proj_gap=update_proj_gap, betas=tuple(betas), eps=eps,
+                        weight_decay=weight_decay, norm_growth_limit=norm_growth_limit,
+                        stochastic_rounding=stochastic_rounding, seed=seed)
+        # The current projection of each parameter and the refresh it belongs to. Not
+        # state: it is regenerated from the parameter's seed whenever it is missing.
+        self._projections: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, validating its hyper-parameters (ValueError) before it is added."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group = {**param_group, "params": params}
+        _validate_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient. Never reads a tensor's value
+        on the host, so it does not stall an accelerator."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("Apollo does not support sparse gradients")
+            if not params:
+                continue
+            if group["rank"] is None:
+                self._adamw_step(group, params)
+            else:
+                self._apollo_step(group, params)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by `state_dict()` (also after `torch.load(weights_only=True)`).
+
+        The moments are restored in fp32 (torch's loader would cast them to each
+        parameter's dtype); projections are regenerated from the saved seeds.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is not None:
+                self.state[p] = {key: value.to(device=p.device, copy=True)
+                                 if isinstance(value, torch.Tensor) else value
+                                 for key, value in saved.items()}
+        self._projections.clear()
+
+    def projection(self, p: torch.Tensor) -> torch.Tensor:
+        """The projection P (r, k) that `p`'s next step uses (after at least one step)."""
+        state = self.state[p]
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return self._projection(p, state["seed"], state["step"] + 1, group)
+
+    # --- APOLLO -----------------------------------------------------------------------
+
+    def _apollo_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        channelwise = group["scale_type"] == "channel"
+        states, projected, grad_norms = [], [], []
+        for p in params:
+            state = self._init_state(p, group, moment_shape=self._projected_shape(p, group))
+            state["step"] += 1
+            axis = projected_axis(p)
+            proj = self._projection(p, state["seed"], state["step"], group)  # (r, k)
+            grad = p.grad.float()  # the gradient itself when it is fp32
+            projected.append(grad @ proj.T if axis == 1 else proj @ grad)
+            # ‖G‖ per channel (m, 1) / (1, n), or of the whole gradient: with the scaling
+            # factors it gives ‖G·diag(s)‖ without forming G·diag(s).
+            grad_norms.append(torch.linalg.vector_norm(
+                p.grad, dim=axis if channelwise else None, keepdim=channelwise,
+                dtype=torch.float32))
+            states.append(state)
+
+        # Adam in the projected space: the small tensors of all weights at once.
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, projected, alpha=1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, projected, projected, value=1 - beta2)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denoms, group["eps"])
+        normalized = torch._foreach_div(exp_avgs, denoms)
+
+        # Scaling factors s: (m, 1) or (1, n) per channel, or 0-dim per weight.
+        if channelwise:
+            scales = [
+                torch.linalg.vector_norm(n, dim=projected_axis(p), keepdim=True)
+                .div_(torch.linalg.vector_norm(r, dim=projected_axis(p), keepdim=True).add_(_TINY))
+                for p, n, r in zip(params, normalized, projected)]
+        else:
+            scales = torch._foreach_norm(normalized)
+            projected_norms = torch._foreach_norm(projected)
+            torch._foreach_add_(projected_norms, _TINY)
+            torch._foreach_div_(scales, projected_norms)
+
+        if group["norm_growth_limit"] is not None:
+            self._limit_norm_growth(scales, grad_norms, states, group["norm_growth_limit"])
+
+        # s ← −lr · bias correction · α · s: the whole update is then G ⊙ s.
+        torch._foreach_mul_(scales, [-self._step_size(state, group) * self._alpha(p, group)
+                                     for p, state in zip(params, states)])
+        for p, state, scale in zip(params, states, scales):
+            weights = self._decayed_fp32_weights(p, group)
+            weights.addcmul_(p.grad, scale)
+            self._store(p, weights, state, group)
+
+    @staticmethod
+    def _limit_norm_growth(scales: list[torch.Tensor], grad_norms: list[torch.Tensor],
+                           states: list[dict[str, Any]], gamma: float) -> None:
+        """Scale each s down so that ‖G·diag(s)‖ ≤ γ·(last step's norm), on the device.
+
+        State "update_norm" holds last step's limited norm; it starts at +inf, so the
+        first step is never limited.
+        """
+        norms = torch._foreach_norm(torch._foreach_mul(scales, grad_norms))  # ‖G·diag(s)‖
+        previous = [s["update_norm"] for s in states]
+        divisors = torch._foreach_div(norms, torch._foreach_add(previous, _TINY))
+        torch._foreach_clamp_min_(divisors, gamma)
+        torch._foreach_div_(divisors, gamma)  # max(growth, γ) / γ ≥ 1
+        torch._foreach_div_(scales, divisors)
+        torch._foreach_div_(norms, divisors)
+        torch._foreach_copy_(previous, norms)
+
+    @staticmethod
+    def _projected_shape(p: torch.Tensor, group: dict[str, Any]) -> tuple[int, int]:
+        rank = effective_rank(p, group["rank"])
+        return (p.shape[0], rank) if projected_axis(p) == 1 else (rank, p.shape[1])
+
+    @staticmethod
+    def _alpha(p: torch.Tensor, group: dict[str, Any]) -> float:
+        if group["scale"] is not None:
+            return group["scale"]
+        return math.sqrt(p.shape[projected_axis(p)] / effective_rank(p, group["rank"]))
+
+    def _projection(self, p: torch.Tensor, seed: int, step: int,
+                    group: dict[str, Any]) -> torch.Tensor:
+        """P (r, k) for `step` (counted from 1), regenerated at each refresh."""
+        refresh = (step - 1) // group["update_proj_gap"]
+        cached = self._projections.get(p)
+        if cached is None or cached[0] != refresh:
+            rank = effective_rank(p, group["rank"])
+            cached = (refresh, self._generate_projection(p, mix_seed(seed, _PROJECTION_STREAM,
+                                                                       refresh), rank))
+            self._projections[p] = cached
+        return cached[1]
+
+    @staticmethod
+    def _generate_projection(p: torch.Tensor, seed: int, rank: int) -> torch.Tensor:
+        """Gaussian P (r, k) with N(0, 1/r) entries, so that ‖P x‖ ≈ ‖x‖ on average."""
+        generator = torch.Generator(device=p.device).manual_seed(seed)
+        proj = torch.randn((rank, p.shape[projected_axis(p)]), generator=generator,
+                           device=p.device, dtype=torch.float32)
+        return proj.div_(math.sqrt(rank))
+
+    # --- AdamW (groups with rank=None) ------------------------------------------------
+
+    def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        for p in params:
+            state = self._init_state(p, group, moment_shape=tuple(p.shape))
+            state["step"] += 1
+            grad = p.grad.float()
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1 ** state["step"]
+            bias_correction2 = 1 - beta2 ** state["step"]
+            denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(group["eps"])
+            weights = self._decayed_fp32_weights(p, group)
+            weights.addcdiv_(exp_avg, denom, value=-group["lr"] / bias_correction1)
+            self._store(p, weights, state, group)
+
+    # --- shared -----------------------------------------------------------------------
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any],
+                    moment_shape: tuple[int, ...]) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            index = next(i for i, q in enumerate(
+                chain.from_iterable(g["params"] for g in self.param_groups)) if q is p)
+            state["step"] = 0
+            state["seed"] = mix_seed(group["seed"], index)
+            state["exp_avg"] = torch.zeros(moment_shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(moment_shape, dtype=torch.float32, device=p.device)
+            if group["rank"] is not None:
+                state["update_norm"] = torch.full((), math.inf, device=p.device)
+        return state
+
+    @staticmethod
+    def _step_size(state: dict[str, Any], group: dict[str, Any]) -> float:
+        """lr · √(1 − β2ᵗ) / (1 − β1ᵗ): Adam's bias correction, applied to the step."""
+        beta1, beta2 = group["betas"]
+        return group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
+
+    @staticmethod
+    def _decayed_fp32_weights(p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """The weights to add the update to, in fp32, after decoupled weight decay:
+        `p` itself when it is fp32, else a temporary fp32 copy that `_store` writes back."""
+        weights = p if p.dtype == torch.float32 else p.float()
+        if group["weight_decay"] != 0:
+            weights.mul_(1 - group["lr"] * group["weight_decay"])
+        return weights
+
+    @staticmethod
+    def _store(p: torch.Tensor, weights: torch.Tensor, state: dict[str, Any],
+               group: dict[str, Any]) -> None:
+        if weights is p:
+            return
+        if p.dtype == torch.bfloat16 and group["stochastic_rounding"] is not False:
+            # Seeded by (parameter, step): a resumed run rounds exactly as an unbroken one.
+            generator = torch.Generator(device=p.device).manual_seed(
+                mix_seed(state["seed"], _ROUNDING_STREAM, state["step"]))
+            copy_stochastic_(p, weights, generator)
+        else:
+            p.copy_(weights)
+
+
+def apollo_mini(params: ParamsT, lr: float = 1e-3, **kwargs: Any) -> Apollo:
+    """APOLLO-Mini: rank 1, one tensor-wise scaling factor per weight (SGD-sized state)."""
+    return Apollo(params, lr=lr, rank=1, scale_type="tensor", **kwargs)
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    """Raise ValueError naming the first bad hyper-parameter of a (defaults-merged) group."""
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    check(isinstance(group["lr"], (int, float)) and group["lr"] >= 0,
+          f"lr must be a number >= 0, got {group['lr']!r}")
+    rank = group["rank"]
+    check(rank is None or (is_int(rank) and rank >= 1),
+          f"rank must be an integer >= 1 (or None for AdamW), got {rank!r}")
+    check(group["scale_type"] in SCALE_TYPES,
+          f"scale_type must be one of {SCALE_TYPES}, got {group['scale_type']!r}")
+    check(group["scale"] is None or group["scale"] > 0,
+          f"scale must be > 0 (or None for sqrt(k / rank)), got {group['scale']!r}")
+    check(is_int(group["update_proj_gap"]) and group["update_proj_gap"] >= 1,
+          f"update_proj_gap must be an integer >= 1, got {group['update_proj_gap']!r}")
+    betas = group["betas"]
+    check(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+          f"betas must be two numbers in [0, 1), got {betas!r}")
+    check(group["eps"] >= 0, f"eps must be >= 0, got {group['eps']!r}")
+    check(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+    limit = group["norm_growth_limit"]
+    check(limit is None or limit >= 1,
+          f"norm_growth_limit must be >= 1 (or None to disable), got {limit!r}")
+    check(group["stochastic_rounding"] in (None, True, False),
+          f"stochastic_rounding must be None, True or False, got {group['stochastic_rounding']!r}")
+    check(is_int(group["seed"]), f"seed must be an integer, got {group['seed']!r}")
+    for p in group["params"]:
+        check(p.is_floating_point(), f"parameters must be floating point, got {p.dtype}")
+        check(rank is None or p.dim() == 2,
+              f"APOLLO projects 2-D weights; got a parameter of shape {tuple(p.shape)}: "
+              "put it in a group with rank=None (AdamW) or leave it out")
