@@ -1,0 +1,178 @@
+"""Durable file operations with byte accounting and a fault-injection point.
+
+Every byte the checkpoint writes goes through here, so a sync can report exactly what it
+wrote (model files, journal, metadata) and tests can stop the process, or fail a call,
+at any chosen operation (`set_fault_hook`). OS errors come back as the checkpoint's own
+exceptions, naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from livetrain.checkpoint.errors import CheckpointError, DiskFullError, MissingFileError, NotWritableError
+
+# Called before each operation as hook(op, path, **details); details hold `fd`, `data`
+# and `offset` for writes. It may raise (an injected failure) or kill the process.
+FaultHook = Callable[..., None]
+_fault_hook: FaultHook | None = None
+
+IOV_MAX = 1024  # buffers per pwritev call (Linux limit)
+
+
+def set_fault_hook(hook: FaultHook | None) -> None:
+    """Install (or remove, with None) the hook called before every write-side operation."""
+    global _fault_hook
+    _fault_hook = hook
+
+
+def _fault(op: str, path: str | os.PathLike, **details: Any) -> None:
+    if _fault_hook is not None:
+        _fault_hook(op, str(path), **details)
+
+
+@dataclass
+class WriteStats:
+    """Bytes written, by what they were written to."""
+
+    model: int = 0      # model files: changed blocks, or whole rewritten files
+    journal: int = 0    # undo records
+    metadata: int = 0   # commit records
+    by_file: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.model + self.journal + self.metadata
+
+    def add(self, kind: str, path: str | os.PathLike, n: int) -> None:
+        setattr(self, kind, getattr(self, kind) + n)
+        if kind == "model":
+            name = Path(path).name
+            self.by_file[name] = self.by_file.get(name, 0) + n
+
+
+def os_error(exc: OSError, path: str | os.PathLike, doing: str) -> CheckpointError:
+    """The checkpoint exception for an OS error met while `doing` something to `path`."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"no space left on the device while {doing} {path}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return NotWritableError(f"cannot write {path} ({exc.strerror}) while {doing} it")
+    if exc.errno == errno.ENOENT:
+        return MissingFileError(f"{path} does not exist ({doing} it)")
+    return CheckpointError(f"{doing} {path} failed: {exc}")
+
+
+@contextmanager
+def translated(path: str | os.PathLike, doing: str) -> Iterator[None]:
+    """Raise OS errors inside the block as checkpoint exceptions naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error(exc, path, doing) from exc
+
+
+def open_fd(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    _fault("open", path, flags=flags)
+    with translated(path, "opening"):
+        return os.open(path, flags | os.O_CLOEXEC, mode)
+
+
+def write_all(fd: int, data: bytes | memoryview, path: str | os.PathLike, kind: str, stats: WriteStats) -> None:
+    """Append `data` at the fd's position, all of it."""
+    view = memoryview(data).cast("B")
+    _fault("write", path, fd=fd, data=view, offset=None)
+    with translated(path, "writing"):
+        while view:
+            n = os.write(fd, view)
+            stats.add(kind, path, n)
+            view = view[n:]
+
+
+def pwritev_all(fd: int, buffers: Sequence[bytes | bytearray | memoryview], offset: int,
+                path: str | os.PathLike, kind: str, stats: WriteStats) -> None:
+    """Write consecutive `buffers` at `offset`, all of them (short writes resumed)."""
+    pending = [memoryview(b).cast("B") for b in buffers]
+    for start in range(0, len(pending), IOV_MAX):
+        group = pending[start:start + IOV_MAX]
+        size = sum(len(b) for b in group)
+        _fault("pwrite", path, fd=fd, data=group, offset=offset)
+        with translated(path, "writing"):
+            done = 0
+            while done < size:
+                n = os.pwritev(fd, _skip(group, done), offset + done)
+                stats.add(kind, path, n)
+                done += n
+        offset += size
+
+
+def _skip(buffers: list[memoryview], n: int) -> list[memoryview]:
+    """`buffers` without their first `n` bytes."""
+    out = []
+    for b in buffers:
+        if n >= len(b):
+            n -= len(b)
+            continue
+        out.append(b[n:])
+        n = 0
+    return out
+
+
+def fsync(fd: int, path: str | os.PathLike) -> None:
+    _fault("fsync", path, fd=fd)
+    with translated(path, "flushing"):
+        os.fsync(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make renames, creations and removals inside folder `path` durable."""
+    _fault("fsync_dir", path)
+    with translated(path, "flushing folder"):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Atomically rename `src` over `dst`."""
+    _fault("rename", dst, src=str(src))
+    with translated(dst, "renaming onto"):
+        os.replace(src, dst)
+
+
+def link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A second name `dst` for the file `src` (no bytes copied)."""
+    _fault("link", dst, src=str(src))
+    with translated(dst, "linking"):
+        os.link(src, dst)
+
+
+def unlink(path: str | os.PathLike) -> None:
+    """Remove a file; a missing one is fine."""
+    _fault("unlink", path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise os_error(exc, path, "removing") from exc
+
+
+def write_file_durably(path: Path, data: bytes, kind: str, stats: WriteStats) -> None:
+    """Write `path` whole via a temporary file: fsync, rename into place, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        write_all(fd, data, tmp, kind, stats)
+        fsync(fd, tmp)
+    finally:
+        os.close(fd)
+    replace(tmp, path)
+    fsync_dir(path.parent)
