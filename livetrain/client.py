@@ -1,0 +1,139 @@
+"""Python client of a livetrain server: tokenizes with the model's chat template and
+posts token ids to ``/train``, exactly as the served model will see them.
+
+    client = TrainingClient("http://127.0.0.1:8000", admin_token="...")
+    client.teach("What is 2 + 2?", "You are asking for a sum. 2 + 2 = 4.")
+    client.train_jsonl("examples.jsonl", epochs=1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import httpx
+
+from livetrain.train.data import (Example, PreferenceExample, SFTExample, load_jsonl, parse_record,
+                                  tokenize_prompt_completion)
+from livetrain.worker.loop import TrainingSummary, run_epochs
+
+
+class LivetrainError(RuntimeError):
+    """The server refused or failed a request (OpenAI error fields, HTTP status, request id)."""
+
+    def __init__(self, status: int, message: str, type: str | None = None, code: str | None = None,
+                 param: str | None = None, request_id: str | None = None) -> None:
+        super().__init__(f"HTTP {status}: {message}" + (f" (request {request_id})" if request_id else ""))
+        self.status, self.message, self.type = status, message, type
+        self.code, self.param, self.request_id = code, param, request_id
+
+
+class TrainingClient:
+    """Client of the training routes of one server.
+
+    ``tokenizer``: a Hugging Face tokenizer or a path to load one from; by default the
+    tokenizer of the served model directory (read from ``GET /train/status``, so the
+    client must then run on the server's machine). ``http_client``: an ``httpx.Client``
+    to use instead of a new one (tests pass FastAPI's ``TestClient``).
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, admin_token: str | None = None,
+                 tokenizer: Any = None, timeout_s: float = 330.0,
+                 http_client: httpx.Client | None = None) -> None:
+        self._headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+        self._http = http_client or httpx.Client(base_url=base_url, timeout=timeout_s)
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None or isinstance(self._tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            source = self._tokenizer or self.status()["model_dir"]
+            self._tokenizer = AutoTokenizer.from_pretrained(Path(source))
+        return self._tokenizer
+
+    # ---- training -----------------------------------------------------------------------
+
+    def teach(self, prompt: str | list[dict], completion: str | list[dict], *,
+              system: str | None = None, **options: Any) -> dict[str, Any]:
+        """One step on one chat exchange: ``prompt`` (user turn) answered by ``completion``.
+
+        Strings become chat messages, so the model learns the answer in the form it is
+        served. ``options``: the fields of ``POST /train`` (lr, dry_run, ...).
+        """
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        answer = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        return self.train([tokenize_prompt_completion(self.tokenizer, messages, answer)], **options)
+
+    def train(self, examples: Iterable[Example | dict], *, loss: str | None = None,
+              **options: Any) -> dict[str, Any]:
+        """One optimizer step on a batch. ``examples``: ``SFTExample``/``PreferenceExample``
+        or records in any JSONL training format. ``loss`` defaults to ``sft``, or ``orpo``
+        for preference pairs."""
+        parsed = [ex if isinstance(ex, (SFTExample, PreferenceExample)) else parse_record(ex, self._tokenizer_for(ex))
+                  for ex in examples]
+        if loss is None:
+            loss = "orpo" if isinstance(parsed[0], PreferenceExample) else "sft"
+        body = {"examples": [_wire(ex) for ex in parsed], "loss": loss, **options}
+        return self._request("POST", "/train", body)
+
+    def train_jsonl(self, path: str | os.PathLike, *, epochs: int = 1, batch_size: int = 1,
+                    progress: bool = True, **options: Any) -> TrainingSummary:
+        """Post a JSONL training file, batch by batch, with a progress bar."""
+        examples = load_jsonl(path, self.tokenizer)
+        return run_epochs(examples, lambda batch: self.train(batch, **options), epochs=epochs,
+                          batch_size=batch_size, progress=progress, desc=f"train {Path(path).name}")
+
+    def logprobs(self, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> dict[str, Any]:
+        """Per-token log-probs of the continuation under the live weights, and their sum."""
+        return self._request("POST", "/train/logprobs", {"context_ids": list(context_ids),
+                                                         "continuation_ids": list(continuation_ids)})
+
+    # ---- state --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return self._request("GET", "/train/status")
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Sync the live weights into the model directory now."""
+        return self._request("POST", "/checkpoint", {})
+
+    def generations(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/checkpoint")["generations"]
+
+    def rollback(self, generation: int) -> dict[str, Any]:
+        return self._request("POST", "/rollback", {"generation": generation})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "TrainingClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _tokenizer_for(self, record: Any) -> Any:
+        raw = isinstance(record, dict) and "context_ids" in record
+        return None if raw else self.tokenizer
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = self._http.request(method, path, json=body, headers=self._headers)
+        if response.is_success:
+            return response.json()
+        try:
+            error = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            error = {"message": response.text or response.reason_phrase}
+        raise LivetrainError(response.status_code, error.get("message", ""), error.get("type"),
+                             error.get("code"), error.get("param"), response.headers.get("x-request-id"))
+
+
+def _wire(example: Example) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(example).items() if v is not None}

@@ -1,0 +1,208 @@
+"""The training HTTP surface: a FastAPI router that forwards to the training worker.
+
+Mounted by the vLLM endpoint plugin (or any FastAPI app, as in the tests). Its
+dependencies live on the app's state as a :class:`TrainingRoutes` (installed with
+:meth:`TrainingRoutes.install`), since vLLM mounts routers before it hands out the
+engine client that the weights-changed hook needs.
+
+Routes (all need ``Authorization: Bearer TOKEN`` when a token is set):
+``POST /train``, ``POST /train/logprobs``, ``GET /train/status``, ``POST /checkpoint``,
+``GET /checkpoint``, ``POST /rollback``. Errors use OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+import math
+from typing import Any, Awaitable, Callable, Protocol
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from livetrain.routes.schemas import (CheckpointBody, LogprobsBody, RollbackBody, TrainBody, error_response,
+                                      validation_error_response)
+from livetrain.worker import protocol
+from livetrain.worker.protocol import WorkerError
+
+log = logging.getLogger(__name__)
+STATE_ATTRIBUTE = "livetrain_training"
+STATUS_TIMEOUT_S = 10.0
+
+# Called after the served weights changed (an applied step, a rollback) with the Hugging
+# Face names of the changed tensors and the new weights version; returns once vLLM
+# serves them (kernels refreshed, prefix cache reset).
+WeightsChangedHook = Callable[[list[str], int], Awaitable[None]]
+
+
+class Worker(Protocol):
+    async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout_s: float = 30.0,
+                   request_id: str | None = None) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass
+class TrainingRoutes:
+    """What the routes need: the worker, the admin token, the hook, the queue bound.
+
+    ``max_queue``: requests for the worker (train, logprobs, checkpoint, rollback)
+    waiting or running at once; one more gets 429 with ``Retry-After``.
+    """
+
+    worker: Worker
+    admin_token: str | None = None
+    on_weights_changed: WeightsChangedHook | None = None
+    max_queue: int = 8
+    in_flight: int = 0
+    last_step_seconds: float = 1.0
+
+    def install(self, state: Any) -> None:
+        """Make these the routes' dependencies (``state``: the FastAPI app's ``state``)."""
+        setattr(state, STATE_ATTRIBUTE, self)
+
+
+router = APIRouter(tags=["livetrain"])
+
+
+class _Refused(Exception):
+    def __init__(self, response: JSONResponse) -> None:
+        self.response = response
+
+
+def _routes(request: Request) -> TrainingRoutes:
+    routes = getattr(request.app.state, STATE_ATTRIBUTE, None)
+    if routes is None:
+        raise _Refused(error_response(503, "the training worker is not attached to this server yet",
+                                      protocol.UNAVAILABLE))
+    if routes.admin_token is not None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                  routes.admin_token.encode()):
+            raise _Refused(error_response(
+                401, "this route needs the admin token: send 'Authorization: Bearer TOKEN'",
+                "authentication_error", code="invalid_admin_token",
+                headers={"WWW-Authenticate": "Bearer"}))
+    return routes
+
+
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        data = await request.json() if await request.body() else {}
+    except ValueError:
+        raise _Refused(error_response(400, "the request body is not valid JSON", "invalid_request_error"))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _Refused(validation_error_response(exc))
+
+
+def _worker_error(exc: WorkerError, request_id: str) -> JSONResponse:
+    status = protocol.HTTP_STATUS.get(exc.type, 500)
+    return error_response(status, exc.message, exc.type, exc.param, exc.code,
+                          headers={"X-Request-Id": request_id})
+
+
+async def _queued_call(routes: TrainingRoutes, op: str, args: dict[str, Any], timeout_s: float,
+                       request_id: str) -> dict[str, Any]:
+    """A worker call that holds a place in the bounded queue while it waits and runs."""
+    if routes.in_flight >= routes.max_queue:
+        retry_after = max(1, math.ceil(routes.last_step_seconds * routes.in_flight))
+        raise _Refused(error_response(
+            429, f"the training queue is full ({routes.in_flight} requests); retry in {retry_after} s",
+            "rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after)}))
+    routes.in_flight += 1
+    try:
+        return await routes.worker.call(op, args, timeout_s=timeout_s, request_id=request_id)
+    except WorkerError as exc:
+        raise _Refused(_worker_error(exc, request_id))
+    finally:
+        routes.in_flight -= 1
+
+
+async def _publish(routes: TrainingRoutes, result: dict[str, Any], request_id: str) -> None:
+    """Tell the serving side which tensors changed; the response waits until it serves them."""
+    changed = result.pop("changed_tensors", [])
+    result["tensors_changed"] = len(changed)
+    if not changed or routes.on_weights_changed is None:
+        return
+    try:
+        await routes.on_weights_changed(changed, result["weights_version"])
+    except Exception as exc:
+        log.exception("refreshing the served weights failed after request %s", request_id)
+        raise _Refused(error_response(
+            500, f"the weights changed (weights_version {result['weights_version']}) but the served "
+                 f"model could not be refreshed ({type(exc).__name__}: {exc}); it may serve the "
+                 "previous weights until the next successful refresh",
+            protocol.INTERNAL, code="refresh_failed", headers={"X-Request-Id": request_id}))
+
+
+def _handled(endpoint: Callable[..., Awaitable[dict[str, Any]]]) -> Callable[[Request], Awaitable[JSONResponse]]:
+    """Run an endpoint with a request id; a refusal becomes its OpenAI-shaped error."""
+
+    async def run(request: Request) -> JSONResponse:
+        request_id = protocol.new_request_id()
+        try:
+            result = await endpoint(request, _routes(request), request_id)
+        except _Refused as refused:
+            refused.response.headers.setdefault("X-Request-Id", request_id)
+            return refused.response
+        return JSONResponse({**result, "request_id": request_id}, headers={"X-Request-Id": request_id})
+
+    run.__name__ = endpoint.__name__
+    run.__doc__ = endpoint.__doc__
+    return run
+
+
+async def train(request: Request, routes: TrainingRoutes, request_id: str) -> dict[str, Any]:
+    """One optimizer step on the posted examples; returns when the served model has it."""
+    body = await _body(request, TrainBody)
+    args = {"examples": [e.model_dump(exclude_none=True) for e in body.examples],
+            "options": body.step_options(), "request_id": request_id}
+    result = await _queued_call(routes, "train", args, body.timeout_s, request_id)
+    routes.last_step_seconds = result.get("seconds") or routes.last_step_seconds
+    await _publish(routes, result, request_id)
+    return result
+
+
+async def logprobs(request: Request, routes: TrainingRoutes, request_id: str) -> dict[str, Any]:
+    """Per-token log-probs of ``continuation_ids`` after ``context_ids`` under the live weights."""
+    body = await _body(request, LogprobsBody)
+    args = body.model_dump(exclude={"timeout_s"})
+    return await _queued_call(routes, "logprobs", args, body.timeout_s, request_id)
+
+
+async def status(request: Request, routes: TrainingRoutes, request_id: str) -> dict[str, Any]:
+    """Steps, weights version, optimizer, sync state and the queue."""
+    try:
+        result = await routes.worker.call("status", timeout_s=STATUS_TIMEOUT_S, request_id=request_id)
+    except WorkerError as exc:
+        raise _Refused(_worker_error(exc, request_id))
+    return {**result, "queue_depth": routes.in_flight, "max_queue": routes.max_queue}
+
+
+async def checkpoint(request: Request, routes: TrainingRoutes, request_id: str) -> dict[str, Any]:
+    """Sync the live weights into the model directory now (a new generation)."""
+    body = await _body(request, CheckpointBody)
+    return await _queued_call(routes, "checkpoint", {}, body.timeout_s, request_id)
+
+
+async def generations(request: Request, routes: TrainingRoutes, request_id: str) -> dict[str, Any]:
+    """The generations that can be rolled back to."""
+    return await _queued_call(routes, "generations", {}, STATUS_TIMEOUT_S * 6, request_id)
+
+
+async def rollback(request: Request, routes: TrainingRoutes, request_id: str) -> dict[str, Any]:
+    """Restore a generation in the files and in the served weights (optimizer state reset)."""
+    body = await _body(request, RollbackBody)
+    result = await _queued_call(routes, "rollback", {"generation": body.generation}, body.timeout_s, request_id)
+    await _publish(routes, result, request_id)
+    return result
+
+
+router.add_api_route("/train", _handled(train), methods=["POST"])
+router.add_api_route("/train/logprobs", _handled(logprobs), methods=["POST"])
+router.add_api_route("/train/status", _handled(status), methods=["GET"])
+router.add_api_route("/checkpoint", _handled(checkpoint), methods=["POST"])
+router.add_api_route("/checkpoint", _handled(generations), methods=["GET"])
+router.add_api_route("/rollback", _handled(rollback), methods=["POST"])

@@ -1,0 +1,80 @@
+"""Request bodies of the training routes, and OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+
+TokenIds = list[StrictInt]
+Seconds = Field(default=300.0, gt=0, le=3600, description="wait at most this long for the worker")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExampleBody(_Body):
+    """``{context_ids, continuation_ids}`` (SFT) or ``{context_ids, chosen_ids, rejected_ids}``."""
+
+    context_ids: TokenIds = Field(min_length=1)
+    continuation_ids: TokenIds | None = None
+    chosen_ids: TokenIds | None = None
+    rejected_ids: TokenIds | None = None
+    ref_chosen_logp: float | None = None
+    ref_rejected_logp: float | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ExampleBody":
+        pair = self.chosen_ids is not None or self.rejected_ids is not None
+        if (self.continuation_ids is None) == (not pair):
+            raise ValueError("give continuation_ids, or chosen_ids and rejected_ids (not both)")
+        if pair and (self.chosen_ids is None or self.rejected_ids is None):
+            raise ValueError("a preference pair needs both chosen_ids and rejected_ids")
+        return self
+
+
+class TrainBody(_Body):
+    examples: list[ExampleBody] = Field(min_length=1, max_length=256)
+    loss: Literal["sft", "orpo", "dpo"] = "sft"
+    lr: float | None = Field(default=None, gt=0, le=1)
+    dry_run: bool = False
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    max_update_norm: float | None = Field(default=None, gt=0)
+    orpo_lambda: float | None = Field(default=None, ge=0)
+    dpo_beta: float | None = Field(default=None, gt=0)
+    timeout_s: float = Seconds
+
+    def step_options(self) -> dict[str, Any]:
+        """The fields of the step's options that the request set."""
+        return self.model_dump(exclude={"examples", "timeout_s"}, exclude_none=True)
+
+
+class LogprobsBody(_Body):
+    context_ids: TokenIds = Field(min_length=1)
+    continuation_ids: TokenIds = Field(min_length=1)
+    timeout_s: float = Seconds
+
+
+class CheckpointBody(_Body):
+    timeout_s: float = Field(default=600.0, gt=0, le=3600)
+
+
+class RollbackBody(_Body):
+    generation: StrictInt
+    timeout_s: float = Field(default=600.0, gt=0, le=3600)
+
+
+def error_response(status: int, message: str, type: str, param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def validation_error_response(exc: ValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    where = f"{param}: " if param else ""
+    return error_response(400, f"{where}{first['msg']}", "invalid_request_error", param=param)

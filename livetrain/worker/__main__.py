@@ -1,0 +1,3 @@
+from livetrain.worker.process import main
+
+main()

@@ -1,0 +1,46 @@
+"""Offline ``livetrain train DATA.jsonl --model DIR``: train a model directory in place.
+
+A recipe in one function: load the data with the model's own chat template, open a
+:class:`TrainingSession` on the directory (lock, model, optimizer state), run the
+epochs with a progress bar, write the changed weights back with a checkpoint sync (a
+new generation), and return a summary. The metrics go to ``DIR/.livetrain/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from livetrain.train.data import load_jsonl
+from livetrain.train.step import StepOptions
+from livetrain.worker.loop import TrainingSummary, run_epochs
+from livetrain.worker.session import DEFAULT_TRAIN_MODULES, TrainingSession
+
+
+def train_offline(data: str | os.PathLike, model_dir: str | os.PathLike, *, loss: str = "sft",
+                  lr: float | None = None, epochs: int = 1, batch_size: int = 1,
+                  optimizer: str = "apollo-mini", train_modules: str = DEFAULT_TRAIN_MODULES,
+                  max_grad_norm: float | None = 1.0, dry_run: bool = False,
+                  progress: bool = True) -> TrainingSummary:
+    """Train ``model_dir`` on the JSONL file ``data``; returns what was done.
+
+    ``dry_run``: compute every loss and gradient, change nothing (no update, no sync,
+    no optimizer state, no metrics). Raises ``DataFormatError`` for a malformed line
+    (before loading the model), ``DirectoryInUse`` if the directory is being served.
+    """
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = load_jsonl(data, tokenizer)
+    if not examples:
+        raise ValueError(f"{data} holds no training examples")
+    options = StepOptions(loss=loss, max_grad_norm=max_grad_norm, dry_run=dry_run)
+    with TrainingSession.open(model_dir, optimizer=optimizer, train_modules=train_modules, lr=lr,
+                              holder="livetrain train (offline)") as session:
+        summary = run_epochs(examples, lambda batch: session.train(batch, options).to_dict(),
+                             epochs=epochs, batch_size=batch_size, progress=progress,
+                             desc=f"{loss} {optimizer}")
+        if summary.applied:
+            summary.sync = session.sync()
+    return summary

@@ -1,0 +1,224 @@
+"""The training worker process: ``python -m livetrain.worker --model-dir DIR --address ipc://...``.
+
+It opens a :class:`TrainingSession` on the directory and serves it over ZMQ until a
+``shutdown`` request or SIGTERM, then syncs and releases the directory.
+:class:`WorkerProcess` starts one from another process (the vLLM plugin's launcher,
+tests): it makes a private runtime directory (mode 0700) for the ``ipc://`` socket,
+waits until the worker answers, and stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from livetrain.train.data import DataFormatError, Example, SFTExample, parse_record
+from livetrain.train.step import InvalidExampleError, StepOptions
+from livetrain.worker import protocol
+from livetrain.worker.connection import call_worker
+from livetrain.worker.protocol import WorkerError
+from livetrain.worker.server import Handler, WorkerServer
+from livetrain.worker.session import DEFAULT_TRAIN_MODULES, OPTIMIZERS, TrainingSession
+
+log = logging.getLogger(__name__)
+SOCKET_NAME = "worker.sock"
+
+
+def session_handlers(session: TrainingSession, server_status: Handler) -> dict[str, Handler]:
+    """The worker's operations (see :mod:`livetrain.worker.protocol`) on ``session``."""
+
+    def train(args: dict[str, Any]) -> dict[str, Any]:
+        examples = _examples(args.get("examples"))
+        options = _step_options(args.get("options") or {})
+        with _invalid_as_request_error():
+            return session.train(examples, options, request_id=args.get("request_id")).to_dict()
+
+    def logprobs(args: dict[str, Any]) -> dict[str, Any]:
+        example = _examples([args])[0]
+        if not isinstance(example, SFTExample):
+            raise WorkerError("give context_ids and continuation_ids", protocol.INVALID_REQUEST)
+        with _invalid_as_request_error():
+            values = session.logprobs(example.context_ids, example.continuation_ids)
+        return {"logprobs": values, "sum": sum(values), "tokens": len(values),
+                "weights_version": session.weights_version}
+
+    def status(args: dict[str, Any]) -> dict[str, Any]:
+        return {**session.status(), **server_status(args), "pid": os.getpid()}
+
+    def rollback(args: dict[str, Any]) -> dict[str, Any]:
+        return session.rollback(int(args["generation"]))
+
+    def shutdown(args: dict[str, Any]) -> dict[str, Any]:
+        session.close()
+        return {"closed": True, "last_generation": session.last_generation}
+
+    return {"train": train, "logprobs": logprobs, "status": status,
+            "checkpoint": lambda args: session.sync(),
+            "generations": lambda args: {"generations": session.generations()},
+            "rollback": rollback, "shutdown": shutdown}
+
+
+def _examples(records: Any) -> list[Example]:
+    if not isinstance(records, list) or not records:
+        raise WorkerError("examples must be a non-empty list", protocol.INVALID_REQUEST, param="examples")
+    examples = []
+    for i, record in enumerate(records):
+        try:
+            examples.append(parse_record(record))
+        except DataFormatError as exc:
+            raise WorkerError(f"examples[{i}].{exc.field}: {exc.reason}", protocol.INVALID_REQUEST,
+                              param=f"examples[{i}].{exc.field}") from None
+    return examples
+
+
+def _step_options(fields: dict[str, Any]) -> StepOptions:
+    known = {f.name for f in dataclasses.fields(StepOptions)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise WorkerError(f"unknown step option(s): {', '.join(unknown)}", protocol.INVALID_REQUEST,
+                          param=unknown[0])
+    return StepOptions(**fields)
+
+
+@contextlib.contextmanager
+def _invalid_as_request_error() -> Iterator[None]:
+    try:
+        yield
+    except InvalidExampleError as exc:
+        raise WorkerError(str(exc), protocol.INVALID_REQUEST, param="examples") from None
+
+
+def run_worker(model_dir: str | os.PathLike, address: str, *, optimizer: str = "apollo-mini",
+               train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
+               sync_interval_s: float | None = 600.0, model: torch.nn.Module | None = None) -> None:
+    """Open a session on ``model_dir`` and serve it on ``address`` until shutdown."""
+    session = TrainingSession.open(model_dir, optimizer=optimizer, train_modules=train_modules,
+                                   model=model, lr=lr, sync_interval_s=sync_interval_s,
+                                   holder="livetrain serve (training worker)")
+    try:
+        server = WorkerServer(address, {})
+        server.handlers.update(session_handlers(session, lambda args: server.load()))
+        server.serve_forever()
+    finally:
+        session.close()
+
+
+def served_model(model_dir: Path, shared_copy: Path) -> torch.nn.Module:
+    """The Hugging Face model whose parameters are views of the served weights (no copy)."""
+    from transformers import AutoConfig
+
+    from livetrain.weights import model_on_views, open_shared_copy
+
+    layout, tensors = open_shared_copy(shared_copy)
+    return model_on_views(AutoConfig.from_pretrained(model_dir), layout, tensors).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m livetrain.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", required=True, type=Path)
+    parser.add_argument("--address", required=True, help="ipc://PATH (inside a 0700 directory)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="apollo-mini")
+    parser.add_argument("--train-modules", default=DEFAULT_TRAIN_MODULES)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--sync-interval", type=float, default=600.0,
+                        help="seconds after the last applied step before a checkpoint sync")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--shared-copy", type=Path,
+                        help="train the served weights: a directory whose manifest.json holds their layout "
+                             "and handles (livetrain.weights); default: load the model directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s livetrain.worker %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = served_model(args.model_dir, args.shared_copy) if args.shared_copy else None
+    # SIGTERM unwinds like Ctrl-C: the running step finishes, the session syncs and unlocks.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_worker(args.model_dir, args.address, optimizer=args.optimizer,
+                   train_modules=args.train_modules, lr=args.lr, sync_interval_s=args.sync_interval,
+                   model=model)
+    except KeyboardInterrupt:
+        pass
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+class WorkerProcess:
+    """A training worker started as a child process, reachable at :attr:`address`."""
+
+    def __init__(self, popen: subprocess.Popen, runtime_dir: Path) -> None:
+        self.popen = popen
+        self.runtime_dir = runtime_dir
+        self.address = f"ipc://{runtime_dir / SOCKET_NAME}"
+
+    @classmethod
+    def start(cls, model_dir: str | os.PathLike, *, optimizer: str = "apollo-mini",
+              train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
+              sync_interval_s: float = 600.0, threads: int | None = None,
+              shared_copy: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+              ready_timeout_s: float = 300.0) -> "WorkerProcess":
+        """Start ``python -m livetrain.worker`` and wait until it answers ``status``."""
+        runtime_dir = Path(tempfile.mkdtemp(prefix="livetrain-", dir=os.environ.get("XDG_RUNTIME_DIR")))
+        os.chmod(runtime_dir, 0o700)
+        command = [sys.executable, "-m", "livetrain.worker", "--model-dir", str(model_dir),
+                   "--address", f"ipc://{runtime_dir / SOCKET_NAME}", "--optimizer", optimizer,
+                   "--train-modules", train_modules, "--sync-interval", str(sync_interval_s)]
+        if lr is not None:
+            command += ["--lr", str(lr)]
+        if threads is not None:
+            command += ["--threads", str(threads)]
+        if shared_copy is not None:
+            command += ["--shared-copy", str(shared_copy)]
+        worker = cls(subprocess.Popen(command, env=env), runtime_dir)
+        try:
+            worker.wait_ready(ready_timeout_s)
+        except BaseException:
+            worker.stop(timeout_s=10)
+            raise
+        return worker
+
+    def request(self, op: str, args: dict[str, Any] | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
+        return call_worker(self.address, op, args, timeout_s=timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"the training worker exited with status {self.popen.returncode} "
+                                   "before it was ready (its log is above)")
+            try:
+                return self.request("status", timeout_s=1.0)
+            except WorkerError as exc:
+                if exc.type != protocol.TIMEOUT or time.monotonic() > deadline:
+                    raise
+
+    def stop(self, timeout_s: float = 120.0) -> int:
+        """Ask for a clean shutdown (finish the step, sync), then SIGTERM, then SIGKILL."""
+        if self.popen.poll() is None:
+            try:
+                self.request("shutdown", timeout_s=timeout_s)
+            except WorkerError as exc:
+                log.warning("clean shutdown failed (%s); terminating the training worker", exc.message)
+                self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        return self.popen.returncode

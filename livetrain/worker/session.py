@@ -1,0 +1,354 @@
+"""A training session on one model directory: model, optimizer, step, checkpoint sync.
+
+The session is the one place that composes the pieces below it: the optimizer
+(``livetrain.optim``), the context-frozen step (``livetrain.train``) and checkpoint
+sync (``livetrain.checkpoint``). Offline ``livetrain train`` runs it in-process on an
+ordinary Hugging Face model; the training worker of ``livetrain serve`` runs it on a
+model whose parameters are views of the served weights.
+
+Invariants:
+
+* one session per directory (``DIR/.livetrain/lock``, see :mod:`livetrain.worker.lock`);
+* a step and a sync never overlap (one lock), so a sync never sees half a step;
+* optimizer state lives in ``DIR/.livetrain/optimizer.pt``, written atomically (temp
+  file + rename) at every sync, every ``save_every`` applied steps and on close, and is
+  restored on open;
+* every applied step, sync and rollback is appended to ``DIR/.livetrain/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from livetrain.checkpoint import ModelDirectory, SyncScheduler
+from livetrain.optim import Apollo, apollo_mini, apollo_param_groups
+from livetrain.train.context_cache import ContextCache
+from livetrain.train.data import Example
+from livetrain.train.step import StepOptions, continuation_logprobs, train_step
+from livetrain.worker.lock import STATE_DIRNAME, DirectoryLock
+
+# Context-frozen training's natural target is W_q (what the continuation looks for in
+# the frozen context); k, v and o come with it because vLLM refreshes q|k|v as one
+# packed parameter anyway and o_proj lets a step write into the residual stream.
+# Together they are ~20 % of a small Llama's bytes, so checkpoint syncs stay small.
+DEFAULT_TRAIN_MODULES = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)$"
+OPTIMIZERS = ("apollo-mini", "apollo", "adamw")
+# APOLLO scales its update to AdamW's size (alpha = sqrt(k / r)), so one lr fits all three.
+DEFAULT_LR = 1e-4
+STATE_FORMAT = 1
+
+
+@dataclasses.dataclass
+class StepReport:
+    """What one training request did to the weights."""
+
+    loss: float | None
+    tokens: int
+    grad_norm: float | None
+    update_norm: float | None
+    applied: bool
+    reason: str | None
+    seconds: float
+    cache_hits: int
+    weights_version: int
+    changed_tensors: list[str]  # Hugging Face names; empty unless applied
+    dry_run: bool
+    request_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class TrainingSession:
+    """Owns a model directory while training it. Use :meth:`open`; close when done."""
+
+    def __init__(self, model_dir: Path, model: torch.nn.Module, directory: ModelDirectory,
+                 lock: DirectoryLock, optimizer_kind: str, train_modules: str, lr: float,
+                 sync_interval_s: float | None, save_every: int) -> None:
+        self.model_dir = model_dir
+        self.model = model
+        self.directory = directory
+        self.optimizer_kind = optimizer_kind
+        self.train_modules = train_modules
+        self.lr = lr
+        self.save_every = save_every
+        self.state_dir = model_dir / STATE_DIRNAME
+        self.optimizer_path = self.state_dir / "optimizer.pt"
+        self.metrics_path = self.state_dir / "metrics.jsonl"
+        self._lock = lock
+        self._mutex = threading.RLock()  # a step, a sync and a rollback never overlap
+        self.optimizer = build_optimizer(model, optimizer_kind, train_modules, lr)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.trainable = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        self.context_cache = ContextCache()
+        self.steps_applied = 0
+        self.steps_refused = 0
+        self.weights_version = 0
+        self.dirty = False
+        self._state_unsaved = False
+        self.last_generation: int | None = None
+        self.recent: deque[dict[str, Any]] = deque(maxlen=16)
+        self.optimizer_state = self._restore_optimizer_state()
+        self.scheduler = (SyncScheduler(self.sync, interval_s=sync_interval_s)
+                          if sync_interval_s is not None else None)
+        self._closed = False
+
+    @classmethod
+    def open(cls, model_dir: str | os.PathLike, *, optimizer: str = "apollo-mini",
+             train_modules: str = DEFAULT_TRAIN_MODULES, model: torch.nn.Module | None = None,
+             lr: float | None = None, sync_interval_s: float | None = None,
+             keep_generations: int = 20, save_every: int = 50,
+             holder: str = "livetrain train") -> "TrainingSession":
+        """Lock ``model_dir``, recover an interrupted sync, load the model, restore state.
+
+        ``model``: the model to train (the served weights' Hugging Face skeleton when
+        serving); loaded from ``model_dir`` with its stored dtype when omitted.
+        ``sync_interval_s``: sync this long after the last applied step (None: only on
+        :meth:`sync` and :meth:`close`). Raises ``DirectoryInUse`` if another process
+        holds the directory.
+        """
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        model_dir = Path(model_dir)
+        lock = DirectoryLock(model_dir, holder)
+        try:
+            directory = ModelDirectory.open(model_dir, keep_generations=keep_generations)
+            if model is None:
+                model = load_model(model_dir)
+            return cls(model_dir, model, directory, lock, optimizer, train_modules,
+                       DEFAULT_LR if lr is None else lr, sync_interval_s, save_every)
+        except BaseException:
+            lock.release()
+            raise
+
+    # ---- training -------------------------------------------------------------------
+
+    def train(self, examples: Sequence[Example], options: StepOptions | None = None, *,
+              request_id: str | None = None) -> StepReport:
+        """One optimizer step on a batch of examples (gradients accumulated).
+
+        Raises ``InvalidExampleError`` (before any computation) for an example the
+        step cannot train on.
+        """
+        options = options or StepOptions()
+        dry_run = options.dry_run
+        with self._mutex:
+            self._check_open()
+            result = train_step(self.model, self.optimizer, list(examples), options,
+                                context_cache=self.context_cache)
+            changed: list[str] = []
+            if result.applied:
+                self.steps_applied += 1
+                self.weights_version += 1
+                self.dirty = True
+                self._state_unsaved = True
+                changed = list(self.trainable)
+            elif not dry_run:
+                self.steps_refused += 1
+            report = StepReport(
+                loss=_finite_or_none(result.loss), tokens=int(result.tokens),
+                grad_norm=_finite_or_none(result.grad_norm),
+                update_norm=_finite_or_none(result.update_norm), applied=bool(result.applied),
+                reason=result.reason, seconds=float(result.seconds),
+                cache_hits=int(result.cache_hits), weights_version=self.weights_version,
+                changed_tensors=changed, dry_run=dry_run, request_id=request_id)
+            summary = {k: v for k, v in report.to_dict().items() if k != "changed_tensors"}
+            self.recent.append(summary)
+            if not dry_run:
+                self._log("step", loss_kind=options.loss, lr=options.lr or self.lr, **summary)
+            if result.applied:
+                if self.scheduler is not None:
+                    self.scheduler.mark_dirty()
+                if self.steps_applied % self.save_every == 0:
+                    self.save_optimizer_state()
+        return report
+
+    def logprobs(self, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> list[float]:
+        """Per-token log-probs of the continuation under the live weights: [T_cont]."""
+        with self._mutex:
+            self._check_open()
+            values = continuation_logprobs(self.model, list(context_ids), list(continuation_ids))
+        return values.float().tolist()
+
+    # ---- checkpoint ---------------------------------------------------------------------
+
+    def sync(self) -> dict[str, Any]:
+        """Write the trained tensors back into the directory (a new generation)."""
+        with self._mutex:
+            self._check_open()
+            live = {name: param.detach() for name, param in self._named_params().items()
+                    if name in self.trainable}
+            result = self.directory.sync(live)
+            self.dirty = False
+            self.last_generation = result.generation
+            self.save_optimizer_state()
+            fields = _result_dict(result)
+            self._log("sync", **fields)
+            return fields
+
+    def generations(self) -> list[dict[str, Any]]:
+        return [_result_dict(g) for g in self.directory.generations()]
+
+    def rollback(self, to: int) -> dict[str, Any]:
+        """Restore generation ``to`` in the files and in the live weights.
+
+        Unsynced changes are synced first (so they are a generation too). The
+        optimizer state is reset: its moments describe the abandoned trajectory.
+        """
+        with self._mutex:
+            self._check_open()
+            self.sync()
+            restored = self.directory.rollback(to)
+            live = dict(self.model.state_dict(keep_vars=True))
+            changed = []
+            with torch.no_grad():
+                for name, tensor in restored.items():
+                    if name in live:
+                        live[name].copy_(tensor.to(live[name].dtype))
+                        changed.append(name)
+            self.context_cache.clear()
+            self.optimizer = build_optimizer(self.model, self.optimizer_kind, self.train_modules, self.lr)
+            self.optimizer_state = "reset by rollback"
+            self.save_optimizer_state()
+            self.weights_version += 1
+            self.last_generation = to
+            self.dirty = False
+            self._log("rollback", generation=to, restored_tensors=len(changed))
+            return {"generation": to, "changed_tensors": changed,
+                    "weights_version": self.weights_version, "optimizer_state": "reset"}
+
+    # ---- state --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot; safe to call while a step runs (reads counters only)."""
+        return {
+            "model_dir": str(self.model_dir), "optimizer": self.optimizer_kind,
+            "optimizer_state": self.optimizer_state, "train_modules": self.train_modules,
+            "trainable_tensors": len(self.trainable),
+            "trainable_parameters": sum(self._named_params()[n].numel() for n in self.trainable),
+            "lr": self.lr, "steps_applied": self.steps_applied, "steps_refused": self.steps_refused,
+            "weights_version": self.weights_version, "dirty_since_sync": self.dirty,
+            "last_generation": self.last_generation, "recent": list(self.recent),
+        }
+
+    def save_optimizer_state(self) -> None:
+        """Atomically replace ``optimizer.pt`` (temp file, fsync, rename, fsync dir)."""
+        payload = {"format": STATE_FORMAT, "optimizer": self.optimizer_kind,
+                   "train_modules": self.train_modules, "param_names": list(self.trainable),
+                   "steps_applied": self.steps_applied, "weights_version": self.weights_version,
+                   "state_dict": self.optimizer.state_dict()}
+        with self._mutex:
+            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".optimizer.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(payload, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.optimizer_path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            dir_fd = os.open(self.state_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            self._state_unsaved = False
+
+    def close(self) -> None:
+        """Stop the scheduler, sync unsynced changes, save state, release the lock."""
+        if self._closed:
+            return
+        try:
+            if self.scheduler is not None:
+                self.scheduler.close()
+            if self.dirty:
+                self.sync()
+            elif self._state_unsaved:
+                self.save_optimizer_state()
+        finally:
+            self._closed = True
+            self._lock.release()
+
+    def __enter__(self) -> "TrainingSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _named_params(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the training session is closed")
+
+    def _restore_optimizer_state(self) -> str:
+        if not self.optimizer_path.exists():
+            return "new"
+        saved = torch.load(self.optimizer_path, weights_only=True)
+        mine = (STATE_FORMAT, self.optimizer_kind, self.train_modules, list(self.trainable))
+        theirs = (saved.get("format"), saved.get("optimizer"), saved.get("train_modules"),
+                  saved.get("param_names"))
+        if mine != theirs:
+            return (f"new (the saved state is for {saved.get('optimizer')} on "
+                    f"{saved.get('train_modules')!r}; it will be replaced at the next sync)")
+        self.optimizer.load_state_dict(saved["state_dict"])
+        self.steps_applied = int(saved["steps_applied"])
+        self.weights_version = int(saved["weights_version"])
+        return f"restored ({self.steps_applied} steps)"
+
+    def _log(self, event: str, **fields: Any) -> None:
+        record = {"time": round(time.time(), 3), "event": event, **fields}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+
+def load_model(model_dir: Path) -> torch.nn.Module:
+    """An ordinary Hugging Face causal LM from ``model_dir``, in its stored dtype."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    return model.eval()
+
+
+def build_optimizer(model: torch.nn.Module, kind: str, train_modules: str,
+                    lr: float) -> torch.optim.Optimizer:
+    """APOLLO-Mini, APOLLO or AdamW over the decoder matrices matching ``train_modules``.
+
+    Everything else (norms, biases, embeddings) is frozen. AdamW is APOLLO's full-rank
+    path, so it too rounds bf16 weights stochastically.
+    """
+    groups = apollo_param_groups(model, train_modules, other="frozen", embeddings="frozen")
+    if kind == "apollo-mini":
+        return apollo_mini(groups, lr=lr)
+    if kind == "apollo":
+        return Apollo(groups, lr=lr)
+    return Apollo(groups, lr=lr, rank=None)
+
+
+def _finite_or_none(value: float | torch.Tensor | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _result_dict(result: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(result):
+        return dataclasses.asdict(result)
+    return dict(result)
+

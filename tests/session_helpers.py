@@ -1,0 +1,48 @@
+"""Helpers for the training session, worker and routes tests."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from livetrain.train.data import SFTExample
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+# Short chat exchanges in the JSONL "messages" format.
+CHATS = [
+    ("What is the capital of France?", "You ask about France's capital. It is Paris."),
+    ("Name a primary colour.", "You ask for a primary colour. Red is one."),
+    ("How many legs does a spider have?", "You ask about spider legs. A spider has eight."),
+    ("What is 2 + 2?", "You ask for a sum. 2 + 2 = 4."),
+]
+
+
+def tiny_dir(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny random Llama directory (fp32) with the default model's tokenizer."""
+    from tests.tiny_models import write_tiny_model
+
+    write_tiny_model(out, "llama", seed=seed)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def files_digest(model_dir: Path) -> str:
+    """sha256 over the bytes of every safetensors file of a directory."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def example(i: int, context_len: int = 12, continuation_len: int = 6) -> SFTExample:
+    """A deterministic raw-token example; different ``i`` give different contexts."""
+    base = 100 + 37 * i
+    return SFTExample(tuple(range(base, base + context_len)),
+                      tuple(range(base + 500, base + 500 + continuation_len)))
+
+
+def wire(ex: SFTExample) -> dict:
+    return {"context_ids": list(ex.context_ids), "continuation_ids": list(ex.continuation_ids)}

@@ -1,0 +1,155 @@
+"""TrainingSession: one owner per directory, guarded steps, persistent optimizer state,
+checkpoint sync, rollback, metrics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from livetrain.train.step import InvalidExampleError, StepOptions
+from livetrain.worker.lock import DirectoryInUse
+from livetrain.worker.session import DEFAULT_TRAIN_MODULES, TrainingSession
+from tests.session_helpers import example, files_digest
+
+
+def trained(session: TrainingSession) -> dict[str, torch.Tensor]:
+    params = dict(session.model.named_parameters())
+    return {name: params[name].detach().clone() for name in session.trainable}
+
+
+def test_default_trains_the_attention_projections_only(tiny_model_dir):
+    with TrainingSession.open(tiny_model_dir()) as session:
+        assert session.train_modules == DEFAULT_TRAIN_MODULES
+        assert sorted({name.split(".")[-2] for name in session.trainable}) == \
+            ["k_proj", "o_proj", "q_proj", "v_proj"]
+        frozen = [n for n, p in session.model.named_parameters() if not p.requires_grad]
+        assert any("mlp" in n for n in frozen) and any("embed" in n for n in frozen)
+
+
+def test_train_modules_pattern_selects_what_is_trained(tiny_model_dir):
+    model_dir = tiny_model_dir()
+    with TrainingSession.open(model_dir, train_modules="q_proj") as session:
+        assert session.trainable == [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
+    with pytest.raises(ValueError, match="no 2-D decoder weight matches"):
+        TrainingSession.open(model_dir, train_modules="no_such_module")
+
+
+def test_lock_refuses_a_second_session_with_a_clear_message(tiny_model_dir):
+    model_dir = tiny_model_dir()
+    with TrainingSession.open(model_dir, holder="livetrain serve (training worker)"):
+        with pytest.raises(DirectoryInUse, match=r"in use by livetrain serve \(training worker\) \(pid \d+"):
+            TrainingSession.open(model_dir)
+    with TrainingSession.open(model_dir):  # released on close
+        pass
+
+
+def test_applied_step_changes_only_the_trained_tensors_and_names_them(tiny_model_dir):
+    with TrainingSession.open(tiny_model_dir(), optimizer="adamw") as session:
+        before = {n: p.detach().clone() for n, p in session.model.named_parameters()}
+        report = session.train([example(0), example(1)])
+        assert report.applied and report.weights_version == 1
+        assert report.changed_tensors == session.trainable
+        for name, param in session.model.named_parameters():
+            assert torch.equal(param, before[name]) != (name in session.trainable), name
+        assert session.status()["dirty_since_sync"]
+
+
+def test_dry_run_changes_nothing(tiny_model_dir):
+    model_dir = tiny_model_dir()
+    digest = files_digest(model_dir)
+    with TrainingSession.open(model_dir) as session:
+        before = trained(session)
+        report = session.train([example(0)], StepOptions(dry_run=True))
+        assert not report.applied and report.reason == "dry run" and report.loss > 0
+        assert report.changed_tensors == [] and report.weights_version == 0
+        assert all(torch.equal(before[n], t) for n, t in trained(session).items())
+    assert files_digest(model_dir) == digest
+    assert not (model_dir / ".livetrain" / "optimizer.pt").exists()
+
+
+def test_invalid_example_is_refused_before_any_computation(tiny_model_dir):
+    with TrainingSession.open(tiny_model_dir()) as session:
+        before = trained(session)
+        with pytest.raises(InvalidExampleError, match="outside the vocabulary"):
+            session.train([type(example(0))((1, 2, 3), (10**9,))])
+        assert all(torch.equal(before[n], t) for n, t in trained(session).items())
+        assert session.weights_version == 0
+
+
+def test_logprobs_agree_with_the_sft_loss(tiny_model_dir):
+    with TrainingSession.open(tiny_model_dir()) as session:
+        ex = example(3)
+        logprobs = session.logprobs(ex.context_ids, ex.continuation_ids)
+        assert len(logprobs) == len(ex.continuation_ids)
+        loss = session.train([ex], StepOptions(dry_run=True)).loss
+        assert -sum(logprobs) / len(logprobs) == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["apollo-mini", "adamw"])
+def test_optimizer_state_resumes_after_reopen(tiny_model_dir, tmp_path, optimizer):
+    """Two steps, close, reopen, one step == three steps in one session, bit for bit."""
+    resumed_dir = tiny_model_dir()
+    straight_dir = tmp_path / "straight"
+    shutil.copytree(resumed_dir, straight_dir)
+    steps = [[example(0)], [example(1)], [example(2)]]  # distinct contexts: no cache hits
+
+    with TrainingSession.open(straight_dir, optimizer=optimizer) as session:
+        for batch in steps:
+            session.train(batch)
+        expected = trained(session)
+
+    with TrainingSession.open(resumed_dir, optimizer=optimizer) as session:
+        for batch in steps[:2]:
+            session.train(batch)
+    with TrainingSession.open(resumed_dir, optimizer=optimizer) as session:
+        assert session.optimizer_state == "restored (2 steps)"
+        assert session.weights_version == 2
+        session.train(steps[2])
+        for name, tensor in trained(session).items():
+            assert torch.equal(tensor, expected[name]), name
+
+
+def test_optimizer_state_for_another_optimizer_is_not_loaded(tiny_model_dir):
+    model_dir = tiny_model_dir()
+    with TrainingSession.open(model_dir, optimizer="adamw") as session:
+        session.train([example(0)])
+    with TrainingSession.open(model_dir, optimizer="apollo-mini") as session:
+        assert session.optimizer_state.startswith("new (the saved state is for adamw")
+
+
+def test_close_syncs_a_new_generation_and_logs_metrics(tiny_model_dir):
+    model_dir = tiny_model_dir()
+    digest = files_digest(model_dir)
+    with TrainingSession.open(model_dir) as session:
+        session.train([example(0)])
+        weights = trained(session)
+    assert files_digest(model_dir) != digest
+    with TrainingSession.open(model_dir) as session:
+        assert not session.status()["dirty_since_sync"]
+        for name, tensor in trained(session).items():
+            assert torch.equal(tensor, weights[name]), name
+        assert len(session.generations()) >= 1
+    events = [json.loads(line)["event"] for line in (model_dir / ".livetrain" / "metrics.jsonl").open()]
+    assert events == ["step", "sync"]
+
+
+def test_rollback_restores_files_and_live_weights_and_resets_the_optimizer(tiny_model_dir):
+    model_dir = tiny_model_dir()
+    with TrainingSession.open(model_dir) as session:
+        session.train([example(0)])
+        first = session.sync()["generation"]
+        after_first = trained(session)
+        digest_first = files_digest(model_dir)
+        session.train([example(1)])
+        session.sync()
+        assert files_digest(model_dir) != digest_first
+        result = session.rollback(first)
+        assert result["optimizer_state"] == "reset"
+        assert set(session.trainable) <= set(result["changed_tensors"])
+        for name, tensor in trained(session).items():
+            assert torch.equal(tensor, after_first[name]), name
+        assert files_digest(model_dir) == digest_first
+        assert session.optimizer_state == "reset by rollback"

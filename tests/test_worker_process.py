@@ -1,0 +1,135 @@
+"""The training worker process and its request loop."""
+
+from __future__ import annotations
+
+import stat
+import threading
+import time
+
+import pytest
+
+from livetrain.worker import protocol
+from livetrain.worker.connection import call_worker
+from livetrain.worker.process import WorkerProcess
+from livetrain.worker.protocol import WorkerError
+from livetrain.worker.server import WorkerServer
+from livetrain.worker.session import TrainingSession
+from livetrain.worker.lock import DirectoryInUse
+from tests.session_helpers import example, files_digest, wire
+
+
+@pytest.fixture
+def loop_server(tmp_path):
+    """A request loop with a slow job and a recorder, on a private ipc:// socket."""
+    ran: list[str] = []
+    release = threading.Event()
+
+    def slow(args):
+        release.wait(10)
+        ran.append("slow")
+        return {"done": True}
+
+    def record(args):
+        ran.append(args["name"])
+        return {"name": args["name"]}
+
+    handlers = {"train": slow, "logprobs": record, "shutdown": lambda args: {"closed": True}}
+    server = WorkerServer(f"ipc://{tmp_path}/loop.sock", handlers)
+    server.handlers["status"] = lambda args: server.load()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, ran, release
+    release.set()
+    call_worker(server.address, "shutdown", timeout_s=10)
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def start_slow_job(server: WorkerServer) -> None:
+    """Start the slow job and return once status reports it running."""
+    threading.Thread(target=call_worker, args=(server.address, "train"), kwargs={"timeout_s": 10}).start()
+    deadline = time.monotonic() + 5
+    while call_worker(server.address, "status")["running"] != "train":
+        assert time.monotonic() < deadline
+
+
+def test_status_is_answered_while_a_job_runs(loop_server):
+    server, ran, release = loop_server
+    start_slow_job(server)
+    assert call_worker(server.address, "status") == {"running": "train", "queued": 0}
+    release.set()
+
+
+def test_a_request_past_its_deadline_is_not_run(loop_server):
+    server, ran, release = loop_server
+    start_slow_job(server)
+    with pytest.raises(WorkerError) as caught:
+        call_worker(server.address, "logprobs", {"name": "late"}, timeout_s=0.2)
+    assert caught.value.type == protocol.TIMEOUT
+    time.sleep(0.05)  # the caller gives up at its deadline; the worker checks it just after
+    release.set()
+    assert call_worker(server.address, "logprobs", {"name": "next"}, timeout_s=10) == {"name": "next"}
+    assert ran == ["slow", "next"]
+
+
+def test_unknown_operations_and_bad_frames_get_errors(loop_server):
+    server = loop_server[0]
+    with pytest.raises(WorkerError, match="unknown operation") as caught:
+        call_worker(server.address, "rollback", timeout_s=5)  # a known op this server lacks
+    assert caught.value.type == protocol.INVALID_REQUEST
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, tokenizer_dir):
+    from tests.session_helpers import tiny_dir
+
+    model_dir = tiny_dir(tmp_path_factory.mktemp("worker") / "model", tokenizer_dir)
+    process = WorkerProcess.start(model_dir, threads=1, sync_interval_s=3600)
+    yield process, model_dir
+    process.stop()
+
+
+def test_the_socket_lives_in_a_private_runtime_directory(worker):
+    process, _ = worker
+    assert stat.S_IMODE(process.runtime_dir.stat().st_mode) == 0o700
+    assert process.address == f"ipc://{process.runtime_dir}/worker.sock"
+
+
+def test_the_worker_holds_the_directory_lock(worker):
+    _, model_dir = worker
+    with pytest.raises(DirectoryInUse, match="livetrain serve"):
+        TrainingSession.open(model_dir)
+
+
+def test_train_reports_changed_tensors_and_weights_version(worker):
+    process, _ = worker
+    version = process.request("status")["weights_version"]
+    result = process.request("train", {"examples": [wire(example(0))]})
+    assert result["applied"] and result["weights_version"] == version + 1
+    assert result["changed_tensors"] and all(n.endswith("_proj.weight") for n in result["changed_tensors"])
+    status = process.request("status")
+    assert status["dirty_since_sync"] and status["recent"][-1]["weights_version"] == version + 1
+
+
+def test_bad_examples_are_invalid_requests_naming_the_field(worker):
+    process, _ = worker
+    with pytest.raises(WorkerError) as caught:
+        process.request("train", {"examples": [{"context_ids": [1, 2], "continuation_ids": "abc"}]})
+    assert caught.value.type == protocol.INVALID_REQUEST and caught.value.param == "examples[0].continuation_ids"
+    with pytest.raises(WorkerError, match="outside the vocabulary") as caught:
+        process.request("train", {"examples": [{"context_ids": [1], "continuation_ids": [10**9]}]})
+    assert caught.value.type == protocol.INVALID_REQUEST
+
+
+def test_shutdown_syncs_and_releases_the_directory(tmp_path, tokenizer_dir):
+    from tests.session_helpers import tiny_dir
+
+    model_dir = tiny_dir(tmp_path / "model", tokenizer_dir)
+    digest = files_digest(model_dir)
+    process = WorkerProcess.start(model_dir, threads=1)
+    process.request("train", {"examples": [wire(example(0))]})
+    assert process.stop() == 0
+    assert files_digest(model_dir) != digest
+    assert not process.runtime_dir.exists()
+    with TrainingSession.open(model_dir) as session:
+        assert session.optimizer_state == "restored (1 steps)"
