@@ -78,16 +78,16 @@ def translated(path: str | os.PathLike, doing: str) -> Iterator[None]:
 
 
 def open_fd(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
-    _fault("open", path, flags=flags)
     with translated(path, "opening"):
+        _fault("open", path, flags=flags)
         return os.open(path, flags | os.O_CLOEXEC, mode)
 
 
 def write_all(fd: int, data: bytes | memoryview, path: str | os.PathLike, kind: str, stats: WriteStats) -> None:
     """Append `data` at the fd's position, all of it."""
     view = memoryview(data).cast("B")
-    _fault("write", path, fd=fd, data=view, offset=None)
     with translated(path, "writing"):
+        _fault("write", path, fd=fd, data=view, offset=None)
         while view:
             n = os.write(fd, view)
             stats.add(kind, path, n)
@@ -101,8 +101,8 @@ def pwritev_all(fd: int, buffers: Sequence[bytes | bytearray | memoryview], offs
     for start in range(0, len(pending), IOV_MAX):
         group = pending[start:start + IOV_MAX]
         size = sum(len(b) for b in group)
-        _fault("pwrite", path, fd=fd, data=group, offset=offset)
         with translated(path, "writing"):
+            _fault("pwrite", path, fd=fd, data=group, offset=offset)
             done = 0
             while done < size:
                 n = os.pwritev(fd, _skip(group, done), offset + done)
@@ -124,15 +124,15 @@ def _skip(buffers: list[memoryview], n: int) -> list[memoryview]:
 
 
 def fsync(fd: int, path: str | os.PathLike) -> None:
-    _fault("fsync", path, fd=fd)
     with translated(path, "flushing"):
+        _fault("fsync", path, fd=fd)
         os.fsync(fd)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make renames, creations and removals inside folder `path` durable."""
-    _fault("fsync_dir", path)
     with translated(path, "flushing folder"):
+        _fault("fsync_dir", path)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -142,22 +142,22 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Atomically rename `src` over `dst`."""
-    _fault("rename", dst, src=str(src))
     with translated(dst, "renaming onto"):
+        _fault("rename", dst, src=str(src))
         os.replace(src, dst)
 
 
 def link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """A second name `dst` for the file `src` (no bytes copied)."""
-    _fault("link", dst, src=str(src))
     with translated(dst, "linking"):
+        _fault("link", dst, src=str(src))
         os.link(src, dst)
 
 
 def unlink(path: str | os.PathLike) -> None:
     """Remove a file; a missing one is fine."""
-    _fault("unlink", path)
     try:
+        _fault("unlink", path)
         os.unlink(path)
     except FileNotFoundError:
         pass
@@ -172,7 +172,10 @@ def write_file_durably(path: Path, data: bytes, kind: str, stats: WriteStats) ->
     try:
         write_all(fd, data, tmp, kind, stats)
         fsync(fd, tmp)
-    finally:
+    except BaseException:
         os.close(fd)
+        unlink(tmp)
+        raise
+    os.close(fd)
     replace(tmp, path)
     fsync_dir(path.parent)

@@ -249,12 +249,16 @@ class ModelDirectory:
             g = self.latest + 1
             modes = {file: self._choose_mode(change) for file, change in changes.items()}
             self._write_generation(g, changes, modes, fds, stats)
-            tensors = self._tensor_checksums(layout, sorted(touched))
             blocks = sum(len(c.blocks) for c in changes.values())
-            files = {f: {"mode": modes[f], "blocks_changed": len(c.blocks), "bytes_written": stats.by_file.get(f, 0)}
-                     for f, c in changes.items()}
-            undo_bytes = journal.UndoRecord.read(self.checkpoint_dir / _name(g, ".undo")).nbytes
-            self._commit(g, stats, blocks, files, tensors, undo_bytes, t0)
+            try:
+                tensors = self._tensor_checksums(layout, sorted(touched))
+                files = {f: {"mode": modes[f], "blocks_changed": len(c.blocks),
+                             "bytes_written": stats.by_file.get(f, 0)} for f, c in changes.items()}
+                undo_bytes = journal.UndoRecord.read(self.checkpoint_dir / _name(g, ".undo")).nbytes
+                self._commit(g, stats, blocks, files, tensors, undo_bytes, t0)
+            except BaseException:
+                self._abort(g)
+                raise
             self.prune()
             return SyncResult(g, stats.total, blocks, sorted(touched), time.perf_counter() - t0,
                               stats.model, stats.journal, stats.metadata,
@@ -302,11 +306,18 @@ class ModelDirectory:
                 fileio.fsync_dir(old_dir)
                 fileio.fsync_dir(self.path)
         except BaseException:
-            try:
-                self._undo_generation(g, fileio.WriteStats())
-            except CheckpointError:
-                pass  # the undo record stays; the next open finishes the undo
+            self._abort(g)
             raise
+
+    def _abort(self, g: int) -> None:
+        """Take back a sync that failed before or while committing (best effort: what is
+        left undone, the next open finishes)."""
+        try:
+            for suffix in (".json.tmp", ".json"):
+                fileio.unlink(self.checkpoint_dir / _name(g, suffix))
+            self._undo_generation(g, fileio.WriteStats())
+        except CheckpointError:
+            pass
 
     def _write_blocks(self, change: ChangedBlocks, fd: int, stats: fileio.WriteStats) -> None:
         """pwrite each run of consecutive changed blocks, then fsync."""
