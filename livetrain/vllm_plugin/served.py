@@ -1,0 +1,98 @@
+"""The served model as the routes see it: weights export, refresh after a step, prefix cache.
+
+Lives in vLLM's API-server process and reaches the engine only through its public
+`EngineClient` (``collective_rpc`` to the worker extension, the weight-update API,
+``reset_prefix_cache``). Everything it returns is plain data, so the routes and the
+training worker never see a vLLM type.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
+from vllm.engine.protocol import EngineClient
+
+from livetrain.vllm_plugin.settings import PluginSettings
+from livetrain.weights import Layout
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """What one refresh did: the vLLM parameters reloaded (whole), its time, and whether
+    the prefix cache was reset without preempting running requests."""
+
+    params: list[str]
+    seconds: float
+    prefix_cache_reset: str  # "reset" | "reset_preempting_running" | "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "seconds": self.seconds, "prefix_cache_reset": self.prefix_cache_reset}
+
+
+class ServedModel:
+    """The vLLM side of livetrain in the API-server process (one engine, tensor parallel 1)."""
+
+    def __init__(self, engine_client: EngineClient, settings: PluginSettings) -> None:
+        self.engine = engine_client
+        self.settings = settings
+        self.layout: Layout | None = None
+        self.weights_export: dict[str, Any] | None = None  # {layout, handles, reused}: for the training worker
+        self.zero_copy: set[str] = set()  # vLLM parameters served straight from the shared copy
+        self.kind = ""  # "shm" (CPU shared copy) or "cuda_ipc" (vLLM's own GPU weights)
+
+    async def _worker(self, method: str, *args: Any) -> Any:
+        (result,) = await self.engine.collective_rpc(method, args=args)
+        return result
+
+    async def start(self) -> None:
+        """Export the weights and set up the CPU serving mode; call once, after the engine is up."""
+        self.weights_export = await self._worker("livetrain_export_weights", str(self.settings.shm_dir))
+        self.layout = Layout.from_dict(self.weights_export["layout"])
+        self.kind = next(iter(self.weights_export["handles"].values()))["kind"]
+        if self.kind != "shm":
+            return  # GPU: the trainer updates vLLM's own tensors in place; nothing to reload
+        await self.engine.init_weight_transfer_engine(
+            WeightTransferInitRequest(init_info={"directory": str(self.settings.shm_dir)}))
+        if self.settings.cpu_mode == "zero-copy":
+            self.zero_copy = set(await self._worker("livetrain_serve_zero_copy", str(self.settings.shm_dir),
+                                                    self.settings.train_modules))
+        if self.weights_export["reused"]:  # the copy holds steps vLLM loaded from disk without
+            await self.refresh(self.layout.hf_names())
+
+    async def refresh(self, changed_tensors: Iterable[str], weights_version: int | None = None) -> RefreshResult:
+        """Make vLLM serve the shared copy's current values of ``changed_tensors`` (Hugging Face names).
+
+        CPU reload mode reloads every vLLM parameter that contains a changed tensor, whole
+        (all of q, k, v for a changed q_proj), through vLLM's weight-update API; zero-copy
+        parameters and GPU weights need nothing. Then stale prefix-cache blocks are dropped.
+        """
+        started = time.perf_counter()
+        params = [] if self.kind != "shm" else [
+            p for p in self.layout.params_to_refresh(changed_tensors) if p not in self.zero_copy]
+        if params:
+            await self.engine.start_weight_update()
+            await self.engine.update_weights(WeightTransferUpdateRequest(update_info={"params": params}))
+            await self.engine.finish_weight_update(
+                weight_version=None if weights_version is None else str(weights_version))
+        reset = await self.reset_prefix_cache()
+        return RefreshResult(params, time.perf_counter() - started, reset)
+
+    async def reset_prefix_cache(self) -> str:
+        """Drop prefix-cache blocks computed with old weights.
+
+        vLLM refuses while a request holds blocks; then the running requests are preempted
+        and recomputed (on the new weights) rather than letting stale blocks serve new ones.
+        """
+        if await self.engine.reset_prefix_cache():
+            return "reset"
+        if await self.engine.reset_prefix_cache(reset_running_requests=True):
+            return "reset_preempting_running"
+        return "failed"
+
+    async def read_param(self, name: str) -> dict[str, Any]:
+        """The values vLLM serves for one parameter (see the worker extension's ``livetrain_read_param``)."""
+        return await self._worker("livetrain_read_param", name)
