@@ -160,3 +160,11 @@ def test_python_client_teaches_with_the_chat_template(served, tokenizer_dir):
     with pytest.raises(LivetrainError) as caught:
         TrainingClient(http_client=http).status()
     assert caught.value.status == 401 and caught.value.request_id
+
+
+def test_rollback_to_an_unknown_generation_is_a_404(served):
+    http = served[0]
+    response = post(http, "/rollback", {"generation": 999})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["param"] == "generation" and "cannot roll back to generation 999" in error["message"]

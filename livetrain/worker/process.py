@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
+from livetrain.checkpoint import GenerationNotFoundError
 from livetrain.train.data import DataFormatError, Example, SFTExample, parse_record
 from livetrain.train.step import InvalidExampleError, StepOptions
 from livetrain.worker import protocol
@@ -59,7 +60,10 @@ def session_handlers(session: TrainingSession, server_status: Handler) -> dict[s
         return {**session.status(), **server_status(args), "pid": os.getpid()}
 
     def rollback(args: dict[str, Any]) -> dict[str, Any]:
-        return session.rollback(int(args["generation"]))
+        try:
+            return session.rollback(int(args["generation"]))
+        except GenerationNotFoundError as exc:
+            raise WorkerError(str(exc), protocol.NOT_FOUND, param="generation") from None
 
     def shutdown(args: dict[str, Any]) -> dict[str, Any]:
         session.close()

@@ -97,10 +97,10 @@ class TrainingSession:
         self.weights_version = 0
         self.dirty = False
         self._state_unsaved = False
-        self.last_generation: int | None = None
         self.recent: deque[dict[str, Any]] = deque(maxlen=16)
         self.optimizer_state = self._restore_optimizer_state()
-        self.scheduler = (SyncScheduler(self.sync, interval_s=sync_interval_s)
+        self.last_generation = directory.latest
+        self.scheduler = (SyncScheduler(self._sync, interval_s=sync_interval_s)
                           if sync_interval_s is not None else None)
         self._closed = False
 
@@ -122,6 +122,7 @@ class TrainingSession:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         model_dir = Path(model_dir)
         lock = DirectoryLock(model_dir, holder)
+        directory = None
         try:
             directory = ModelDirectory.open(model_dir, keep_generations=keep_generations)
             if model is None:
@@ -129,6 +130,8 @@ class TrainingSession:
             return cls(model_dir, model, directory, lock, optimizer, train_modules,
                        DEFAULT_LR if lr is None else lr, sync_interval_s, save_every)
         except BaseException:
+            if directory is not None:
+                directory.close()
             lock.release()
             raise
 
@@ -184,21 +187,34 @@ class TrainingSession:
     # ---- checkpoint ---------------------------------------------------------------------
 
     def sync(self) -> dict[str, Any]:
-        """Write the trained tensors back into the directory (a new generation)."""
+        """Write the trained tensors back into the directory now (a new generation if
+        anything changed)."""
+        return self.scheduler.sync_now() if self.scheduler is not None else self._sync()
+
+    def _sync(self) -> dict[str, Any]:
         with self._mutex:
             self._check_open()
-            live = {name: param.detach() for name, param in self._named_params().items()
-                    if name in self.trainable}
-            result = self.directory.sync(live)
+            params = self._named_params()
+            result = self.directory.sync({name: params[name].detach() for name in self.trainable})
             self.dirty = False
             self.last_generation = result.generation
             self.save_optimizer_state()
-            fields = _result_dict(result)
+            fields = {"generation": result.generation, "bytes_written": result.bytes_written,
+                      "model_bytes": result.model_bytes, "blocks_changed": result.blocks_changed,
+                      "tensors_touched": len(result.tensors_touched), "seconds": round(result.seconds, 4)}
             self._log("sync", **fields)
             return fields
 
     def generations(self) -> list[dict[str, Any]]:
-        return [_result_dict(g) for g in self.directory.generations()]
+        """The kept generations, oldest first, and whether each can be rolled back to."""
+        reachable = set(self.directory.reachable())
+        listed = {g.generation: {"generation": g.generation, "time": g.time, "seconds": g.seconds,
+                                 "bytes_written": g.bytes_written, "blocks_changed": g.blocks_changed,
+                                 "tensors_touched": len(g.tensors), "rollback_available": g.generation in reachable}
+                  for g in self.directory.generations()}
+        for g in reachable - set(listed):  # generation 0: the files as they were before any sync
+            listed[g] = {"generation": g, "time": None, "rollback_available": True}
+        return [listed[g] for g in sorted(listed)]
 
     def rollback(self, to: int) -> dict[str, Any]:
         """Restore generation ``to`` in the files and in the live weights.
@@ -208,7 +224,7 @@ class TrainingSession:
         """
         with self._mutex:
             self._check_open()
-            self.sync()
+            self._sync()
             restored = self.directory.rollback(to)
             live = dict(self.model.state_dict(keep_vars=True))
             changed = []
@@ -240,6 +256,8 @@ class TrainingSession:
             "lr": self.lr, "steps_applied": self.steps_applied, "steps_refused": self.steps_refused,
             "weights_version": self.weights_version, "dirty_since_sync": self.dirty,
             "last_generation": self.last_generation, "recent": list(self.recent),
+            "last_sync_error": (None if self.scheduler is None or self.scheduler.last_error is None
+                                else str(self.scheduler.last_error)),
         }
 
     def save_optimizer_state(self) -> None:
@@ -274,11 +292,12 @@ class TrainingSession:
             if self.scheduler is not None:
                 self.scheduler.close()
             if self.dirty:
-                self.sync()
+                self._sync()
             elif self._state_unsaved:
                 self.save_optimizer_state()
         finally:
             self._closed = True
+            self.directory.close()
             self._lock.release()
 
     def __enter__(self) -> "TrainingSession":
@@ -345,10 +364,3 @@ def _finite_or_none(value: float | torch.Tensor | None) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _result_dict(result: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(result):
-        return dataclasses.asdict(result)
-    return dict(result)
-
