@@ -162,25 +162,42 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def new_runtime_dir() -> Path:
+    """A private (0700) directory for the worker's socket, under $XDG_RUNTIME_DIR if set."""
+    runtime_dir = Path(tempfile.mkdtemp(prefix="livetrain-", dir=os.environ.get("XDG_RUNTIME_DIR")))
+    os.chmod(runtime_dir, 0o700)
+    return runtime_dir
+
+
+def worker_address(runtime_dir: str | os.PathLike) -> str:
+    """The ZMQ address of the worker whose socket lives in ``runtime_dir``."""
+    return f"ipc://{Path(runtime_dir) / SOCKET_NAME}"
+
+
 class WorkerProcess:
     """A training worker started as a child process, reachable at :attr:`address`."""
 
     def __init__(self, popen: subprocess.Popen, runtime_dir: Path) -> None:
         self.popen = popen
         self.runtime_dir = runtime_dir
-        self.address = f"ipc://{runtime_dir / SOCKET_NAME}"
+        self.address = worker_address(runtime_dir)
 
     @classmethod
     def start(cls, model_dir: str | os.PathLike, *, optimizer: str = "apollo-mini",
               train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
               sync_interval_s: float = 600.0, threads: int | None = None,
-              shared_copy: str | os.PathLike | None = None, env: dict[str, str] | None = None,
-              ready_timeout_s: float = 300.0) -> "WorkerProcess":
-        """Start ``python -m livetrain.worker`` and wait until it answers ``status``."""
-        runtime_dir = Path(tempfile.mkdtemp(prefix="livetrain-", dir=os.environ.get("XDG_RUNTIME_DIR")))
-        os.chmod(runtime_dir, 0o700)
+              shared_copy: str | os.PathLike | None = None, runtime_dir: str | os.PathLike | None = None,
+              env: dict[str, str] | None = None, ready_timeout_s: float = 300.0) -> "WorkerProcess":
+        """Start ``python -m livetrain.worker`` and wait until it answers ``status``.
+
+        ``runtime_dir``: a directory from :func:`new_runtime_dir` when the address must be
+        known beforehand (vLLM's plugin is told it before the worker starts); it is
+        removed by :meth:`stop`. ``shared_copy``: train the served weights (see
+        ``--shared-copy``).
+        """
+        runtime_dir = Path(runtime_dir) if runtime_dir is not None else new_runtime_dir()
         command = [sys.executable, "-m", "livetrain.worker", "--model-dir", str(model_dir),
-                   "--address", f"ipc://{runtime_dir / SOCKET_NAME}", "--optimizer", optimizer,
+                   "--address", worker_address(runtime_dir), "--optimizer", optimizer,
                    "--train-modules", train_modules, "--sync-interval", str(sync_interval_s)]
         if lr is not None:
             command += ["--lr", str(lr)]

@@ -42,7 +42,8 @@ from livetrain.worker.lock import STATE_DIRNAME, DirectoryLock
 # the frozen context); k, v and o come with it because vLLM refreshes q|k|v as one
 # packed parameter anyway and o_proj lets a step write into the residual stream.
 # Together they are ~20 % of a small Llama's bytes, so checkpoint syncs stay small.
-DEFAULT_TRAIN_MODULES = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)$"
+# A regex searched in module names (and, unanchored, in tensor names alike).
+DEFAULT_TRAIN_MODULES = r"self_attn\.(q|k|v|o)_proj"
 OPTIMIZERS = ("apollo-mini", "apollo", "adamw")
 # APOLLO scales its update to AdamW's size (alpha = sqrt(k / r)), so one lr fits all three.
 DEFAULT_LR = 1e-4
