@@ -93,12 +93,17 @@ def create_shared_copy(model_dir: str | Path, layout: Layout, directory: str | P
     return handles
 
 
-def open_shared_copy(directory: str | Path) -> tuple[Layout, dict[str, torch.Tensor]]:
-    """Map an existing shared copy: its layout and vLLM parameter name -> mapped tensor."""
+def read_manifest(directory: str | Path) -> dict:
+    """A shared copy's manifest: ``{model_dir, layout (plain data), handles (vLLM name -> handle dict)}``."""
     try:
-        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+        return json.loads((Path(directory) / MANIFEST).read_text())
     except FileNotFoundError:
         raise SharedCopyError(f"{directory} holds no shared copy ({MANIFEST} missing)") from None
+
+
+def open_shared_copy(directory: str | Path) -> tuple[Layout, dict[str, torch.Tensor]]:
+    """Map an existing shared copy: its layout and vLLM parameter name -> mapped tensor."""
+    manifest = read_manifest(directory)
     return Layout.from_dict(manifest["layout"]), map_handles(manifest["handles"])
 
 
