@@ -3,6 +3,7 @@ checkpoint sync, rollback, metrics."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -11,7 +12,7 @@ import torch
 
 from livetrain.train.step import InvalidExampleError, StepOptions
 from livetrain.worker.lock import DirectoryInUse
-from livetrain.worker.session import DEFAULT_TRAIN_MODULES, TrainingSession
+from livetrain.worker.session import DEFAULT_TRAIN_MODULES, ProbeGuard, TrainingSession, load_model
 from tests.session_helpers import example, files_digest
 
 
@@ -153,3 +154,59 @@ def test_rollback_restores_files_and_live_weights_and_resets_the_optimizer(tiny_
             assert torch.equal(tensor, after_first[name]), name
         assert files_digest(model_dir) == digest_first
         assert session.optimizer_state == "reset by rollback"
+
+
+def probe_guard(max_drift: float) -> ProbeGuard:
+    ex = example(20, context_len=4, continuation_len=24)
+    return ProbeGuard(ex.context_ids, ex.continuation_ids, max_drift)
+
+
+def test_a_step_that_moves_the_probe_too_far_is_undone_with_its_optimizer_state(tiny_model_dir):
+    with TrainingSession.open(tiny_model_dir(), probe=probe_guard(1e-9)) as session:
+        before = trained(session)
+        state = copy.deepcopy(session.optimizer.state_dict())
+        report = session.train([example(0)])
+        assert not report.applied and "probe text" in report.reason and report.probe_drift != 0
+        assert report.weights_version == 0 and report.changed_tensors == []
+        assert all(torch.equal(before[n], t) for n, t in trained(session).items())
+        assert session.optimizer.state_dict()["state"].keys() == state["state"].keys()
+        assert not session.status()["dirty_since_sync"]
+
+
+def test_an_injected_huge_update_is_undone_by_the_probe(tiny_model_dir, monkeypatch):
+    model_dir = tiny_model_dir()
+    model = load_model(model_dir)
+    with torch.no_grad():  # sharpen the random model's near-uniform outputs, so weights matter
+        model.get_input_embeddings().weight.mul_(100.0)
+    with TrainingSession.open(model_dir, model=model, probe=probe_guard(0.5)) as session:
+        assert session.train([example(0)], StepOptions(lr=1e-5)).applied  # an ordinary step passes
+        before = trained(session)
+        step = session.optimizer.step
+
+        def huge_step(*args, **kwargs):  # finite, but 100x every trained weight
+            step(*args, **kwargs)
+            with torch.no_grad():
+                for group in session.optimizer.param_groups:
+                    torch._foreach_mul_(group["params"], 100.0)
+
+        monkeypatch.setattr(session.optimizer, "step", huge_step)
+        report = session.train([example(1)])
+        assert not report.applied and abs(report.probe_drift) > 0.5
+        assert all(torch.equal(before[n], t) for n, t in trained(session).items())
+
+
+def test_an_injected_non_finite_update_is_not_applied(tiny_model_dir, monkeypatch):
+    with TrainingSession.open(tiny_model_dir()) as session:
+        before = trained(session)
+        step = session.optimizer.step
+
+        def poisoned_step(*args, **kwargs):
+            step(*args, **kwargs)
+            with torch.no_grad():
+                next(iter(session.optimizer.param_groups[0]["params"])).view(-1)[0] = float("nan")
+
+        monkeypatch.setattr(session.optimizer, "step", poisoned_step)
+        report = session.train([example(0)])
+        assert not report.applied and "non-finite update" in report.reason
+        assert all(torch.equal(before[n], t) for n, t in trained(session).items())
+        assert report.weights_version == 0

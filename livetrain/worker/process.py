@@ -32,7 +32,7 @@ from livetrain.worker import protocol
 from livetrain.worker.connection import call_worker
 from livetrain.worker.protocol import WorkerError
 from livetrain.worker.server import Handler, WorkerServer
-from livetrain.worker.session import DEFAULT_TRAIN_MODULES, OPTIMIZERS, TrainingSession
+from livetrain.worker.session import DEFAULT_TRAIN_MODULES, OPTIMIZERS, ProbeGuard, TrainingSession
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "worker.sock"
@@ -107,10 +107,20 @@ def _invalid_as_request_error() -> Iterator[None]:
 
 def run_worker(model_dir: str | os.PathLike, address: str, *, optimizer: str = "apollo-mini",
                train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
-               sync_interval_s: float | None = 600.0, model: torch.nn.Module | None = None) -> None:
-    """Open a session on ``model_dir`` and serve it on ``address`` until shutdown."""
+               sync_interval_s: float | None = 600.0, max_probe_drift: float | None = 0.5,
+               model: torch.nn.Module | None = None) -> None:
+    """Open a session on ``model_dir`` and serve it on ``address`` until shutdown.
+
+    ``max_probe_drift``: undo a step that moves the probe text's mean log-prob by more
+    than this many nats per token (None: no probe).
+    """
+    probe = None
+    if max_probe_drift is not None:
+        from transformers import AutoTokenizer
+
+        probe = ProbeGuard.from_text(AutoTokenizer.from_pretrained(model_dir), max_drift=max_probe_drift)
     session = TrainingSession.open(model_dir, optimizer=optimizer, train_modules=train_modules,
-                                   model=model, lr=lr, sync_interval_s=sync_interval_s,
+                                   model=model, lr=lr, sync_interval_s=sync_interval_s, probe=probe,
                                    holder="livetrain serve (training worker)")
     try:
         server = WorkerServer(address, {})
@@ -140,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sync-interval", type=float, default=600.0,
                         help="seconds after the last applied step before a checkpoint sync")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--max-probe-drift", type=float, default=0.5,
+                        help="undo a step that moves a fixed probe text's mean log-prob by more than this "
+                             "(nats per token); 0 turns the check off")
     parser.add_argument("--shared-copy", type=Path,
                         help="train the served weights: a directory whose manifest.json holds their layout "
                              "and handles (livetrain.weights); default: load the model directory")
@@ -153,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_worker(args.model_dir, args.address, optimizer=args.optimizer,
                    train_modules=args.train_modules, lr=args.lr, sync_interval_s=args.sync_interval,
-                   model=model)
+                   max_probe_drift=args.max_probe_drift or None, model=model)
     except KeyboardInterrupt:
         pass
 
@@ -185,7 +198,7 @@ class WorkerProcess:
     @classmethod
     def start(cls, model_dir: str | os.PathLike, *, optimizer: str = "apollo-mini",
               train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
-              sync_interval_s: float = 600.0, threads: int | None = None,
+              sync_interval_s: float = 600.0, threads: int | None = None, max_probe_drift: float = 0.5,
               shared_copy: str | os.PathLike | None = None, runtime_dir: str | os.PathLike | None = None,
               env: dict[str, str] | None = None, ready_timeout_s: float = 300.0) -> "WorkerProcess":
         """Start ``python -m livetrain.worker`` and wait until it answers ``status``.
@@ -198,7 +211,8 @@ class WorkerProcess:
         runtime_dir = Path(runtime_dir) if runtime_dir is not None else new_runtime_dir()
         command = [sys.executable, "-m", "livetrain.worker", "--model-dir", str(model_dir),
                    "--address", worker_address(runtime_dir), "--optimizer", optimizer,
-                   "--train-modules", train_modules, "--sync-interval", str(sync_interval_s)]
+                   "--train-modules", train_modules, "--sync-interval", str(sync_interval_s),
+                   "--max-probe-drift", str(max_probe_drift)]
         if lr is not None:
             command += ["--lr", str(lr)]
         if threads is not None:

@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -35,7 +36,7 @@ from livetrain.checkpoint import ModelDirectory, SyncScheduler
 from livetrain.optim import Apollo, apollo_mini, apollo_param_groups
 from livetrain.train.context_cache import ContextCache
 from livetrain.train.data import Example
-from livetrain.train.step import StepOptions, continuation_logprobs, train_step
+from livetrain.train.step import StepOptions, StepResult, continuation_logprobs, train_step
 from livetrain.worker.lock import STATE_DIRNAME, DirectoryLock
 
 # Context-frozen training's natural target is W_q (what the continuation looks for in
@@ -48,6 +49,8 @@ OPTIMIZERS = ("apollo-mini", "apollo", "adamw")
 # APOLLO scales its update to AdamW's size (alpha = sqrt(k / r)), so one lr fits all three.
 DEFAULT_LR = 1e-4
 STATE_FORMAT = 1
+PROBE_TEXT = ("The river flows past the old mill and into the valley, where farmers grow wheat "
+              "and barley. In winter the water freezes near the banks.")
 
 
 @dataclasses.dataclass
@@ -65,10 +68,31 @@ class StepReport:
     weights_version: int
     changed_tensors: list[str]  # Hugging Face names; empty unless applied
     dry_run: bool
+    probe_drift: float | None = None  # change of the probe's mean log-prob (nats/token)
     request_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeGuard:
+    """Undo a step that moves a fixed probe text's log-probs too far.
+
+    ``max_drift``: the most the probe's mean per-token log-prob may change in one step,
+    in nats (0.5 by default: far above what a teaching step moves ordinary text, far
+    below what a destructive one does). A refused step's tensors are restored from
+    copies taken before it, and its optimizer state too.
+    """
+
+    context_ids: tuple[int, ...]
+    continuation_ids: tuple[int, ...]
+    max_drift: float = 0.5
+
+    @classmethod
+    def from_text(cls, tokenizer: Any, text: str = PROBE_TEXT, max_drift: float = 0.5) -> "ProbeGuard":
+        ids = tuple(tokenizer(text)["input_ids"])
+        return cls(ids[:4], ids[4:], max_drift)
 
 
 class TrainingSession:
@@ -76,7 +100,7 @@ class TrainingSession:
 
     def __init__(self, model_dir: Path, model: torch.nn.Module, directory: ModelDirectory,
                  lock: DirectoryLock, optimizer_kind: str, train_modules: str, lr: float,
-                 sync_interval_s: float | None, save_every: int) -> None:
+                 sync_interval_s: float | None, save_every: int, probe: ProbeGuard | None) -> None:
         self.model_dir = model_dir
         self.model = model
         self.directory = directory
@@ -84,6 +108,8 @@ class TrainingSession:
         self.train_modules = train_modules
         self.lr = lr
         self.save_every = save_every
+        self.probe = probe
+        self._probe_logp: float | None = None  # the probe's mean log-prob under the live weights
         self.state_dir = model_dir / STATE_DIRNAME
         self.optimizer_path = self.state_dir / "optimizer.pt"
         self.metrics_path = self.state_dir / "metrics.jsonl"
@@ -109,14 +135,15 @@ class TrainingSession:
     def open(cls, model_dir: str | os.PathLike, *, optimizer: str = "apollo-mini",
              train_modules: str = DEFAULT_TRAIN_MODULES, model: torch.nn.Module | None = None,
              lr: float | None = None, sync_interval_s: float | None = None,
-             keep_generations: int = 20, save_every: int = 50,
+             keep_generations: int = 20, save_every: int = 50, probe: ProbeGuard | None = None,
              holder: str = "livetrain train") -> "TrainingSession":
         """Lock ``model_dir``, recover an interrupted sync, load the model, restore state.
 
         ``model``: the model to train (the served weights' Hugging Face skeleton when
         serving); loaded from ``model_dir`` with its stored dtype when omitted.
         ``sync_interval_s``: sync this long after the last applied step (None: only on
-        :meth:`sync` and :meth:`close`). Raises ``DirectoryInUse`` if another process
+        :meth:`sync` and :meth:`close`). ``probe``: undo steps that move a fixed text's
+        log-probs too far (off when None). Raises ``DirectoryInUse`` if another process
         holds the directory.
         """
         if optimizer not in OPTIMIZERS:
@@ -129,7 +156,7 @@ class TrainingSession:
             if model is None:
                 model = load_model(model_dir)
             return cls(model_dir, model, directory, lock, optimizer, train_modules,
-                       DEFAULT_LR if lr is None else lr, sync_interval_s, save_every)
+                       DEFAULT_LR if lr is None else lr, sync_interval_s, save_every, probe)
         except BaseException:
             if directory is not None:
                 directory.close()
@@ -149,8 +176,12 @@ class TrainingSession:
         dry_run = options.dry_run
         with self._mutex:
             self._check_open()
+            undo = self._undo_point() if self.probe is not None and not dry_run else None
             result = train_step(self.model, self.optimizer, list(examples), options,
                                 context_cache=self.context_cache)
+            probe_drift = None
+            if result.applied and undo is not None:
+                probe_drift = self._check_probe(result, *undo)
             changed: list[str] = []
             if result.applied:
                 self.steps_applied += 1
@@ -166,7 +197,8 @@ class TrainingSession:
                 update_norm=_finite_or_none(result.update_norm), applied=bool(result.applied),
                 reason=result.reason, seconds=float(result.seconds),
                 cache_hits=int(result.cache_hits), weights_version=self.weights_version,
-                changed_tensors=changed, dry_run=dry_run, request_id=request_id)
+                changed_tensors=changed, dry_run=dry_run, probe_drift=_finite_or_none(probe_drift),
+                request_id=request_id)
             summary = {k: v for k, v in report.to_dict().items() if k != "changed_tensors"}
             self.recent.append(summary)
             if not dry_run:
@@ -177,6 +209,38 @@ class TrainingSession:
                 if self.steps_applied % self.save_every == 0:
                     self.save_optimizer_state()
         return report
+
+    def _probe_mean_logp(self) -> float:
+        assert self.probe is not None
+        values = continuation_logprobs(self.model, self.probe.context_ids, self.probe.continuation_ids)
+        return values.mean().item()
+
+    def _undo_point(self) -> tuple[list[torch.Tensor], dict[str, Any], float]:
+        """Copies of the trained tensors and optimizer state, and the probe's value, before a step."""
+        if self._probe_logp is None:
+            self._probe_logp = self._probe_mean_logp()
+        params = self._named_params()
+        return ([params[n].detach().clone() for n in self.trainable],
+                copy.deepcopy(self.optimizer.state_dict()), self._probe_logp)
+
+    def _check_probe(self, result: StepResult, weights: list[torch.Tensor], state: dict[str, Any],
+                     probe_before: float) -> float:
+        """Keep the step if the probe moved at most ``max_drift``; else undo it (``result`` says so)."""
+        assert self.probe is not None
+        after = self._probe_mean_logp()
+        drift = after - probe_before
+        if math.isfinite(drift) and abs(drift) <= self.probe.max_drift:
+            self._probe_logp = after
+            return drift
+        params = self._named_params()
+        with torch.no_grad():
+            for name, saved in zip(self.trainable, weights):
+                params[name].copy_(saved)
+        self.optimizer.load_state_dict(state)
+        result.applied = False
+        result.reason = (f"the probe text's mean log-prob moved {drift:+.3f} nats/token, more than "
+                         f"{self.probe.max_drift} (step undone)")
+        return drift
 
     def logprobs(self, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> list[float]:
         """Per-token log-probs of the continuation under the live weights: [T_cont]."""
@@ -235,6 +299,7 @@ class TrainingSession:
                         live[name].copy_(tensor.to(live[name].dtype))
                         changed.append(name)
             self.context_cache.clear()
+            self._probe_logp = None
             self.optimizer = build_optimizer(self.model, self.optimizer_kind, self.train_modules, self.lr)
             self.optimizer_state = "reset by rollback"
             self.save_optimizer_state()
