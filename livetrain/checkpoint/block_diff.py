@@ -173,8 +173,10 @@ class ChangedBlocks:
         if body_end > head_end:
             body = new[head_end - offset:body_end - offset]
             k = (body_end - head_end) // BLOCK_SIZE
-            differs = (body.view(np.uint64).reshape(k, BLOCK_SIZE // 8)
-                       != self.old[head_end:body_end].view(np.uint64).reshape(k, BLOCK_SIZE // 8)).any(axis=1)
+            old = self.old[head_end:body_end]
+            word = _widest_aligned_word(body, old)
+            per_block = BLOCK_SIZE // word.itemsize
+            differs = (body.view(word).reshape(k, per_block) != old.view(word).reshape(k, per_block)).any(axis=1)
             first = head_end // BLOCK_SIZE
             for r in np.flatnonzero(differs).tolist():
                 self.blocks[first + r] = bytearray(body[r * BLOCK_SIZE:(r + 1) * BLOCK_SIZE])
@@ -193,6 +195,15 @@ class ChangedBlocks:
             block = self.blocks[index] = bytearray(self.old[start:stop])
         np.frombuffer(block, dtype=np.uint8)[at:at + new.shape[0]] = new
         return True
+
+
+def _widest_aligned_word(a: np.ndarray, b: np.ndarray) -> np.dtype:
+    """The widest unsigned word both arrays start aligned to (unaligned views are slow)."""
+    for word in (np.uint64, np.uint32, np.uint16):
+        size = np.dtype(word).itemsize
+        if a.ctypes.data % size == 0 and b.ctypes.data % size == 0:
+            return np.dtype(word)
+    return np.dtype(np.uint8)
 
 
 def diff_placements(changed: ChangedBlocks, placements: Sequence[Placement]) -> set[str]:

@@ -239,7 +239,7 @@ class ModelDirectory:
             touched: set[str] = set()
             for file, file_placements in by_file.items():
                 fds[file] = fd = fileio.open_fd(self.path / file, os.O_RDWR)  # fails early if not writable
-                old = np.frombuffer(mmap.mmap(fd, layout.files[file].size, access=mmap.ACCESS_READ), np.uint8)
+                old = fileio.map_readonly(fd, layout.files[file].size)
                 change = ChangedBlocks(file, old)
                 touched |= diff_placements(change, file_placements)
                 if change.blocks:
