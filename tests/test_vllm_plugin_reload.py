@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from livetrain.weights import Layout, model_on_views, open_shared_copy
-from tests.vllm_harness import VllmEngine
+from livetrain.vllm_plugin.inprocess import InProcessEngine
 from tests.vllm_layouts import expected_layout, write_vllm_tiny_model
 
 pytestmark = pytest.mark.vllm
@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def vllm(model_dir):
-    engine = VllmEngine(model_dir, cpu_mode="reload")
+    engine = InProcessEngine(model_dir, cpu_mode="reload")
     yield engine
     engine.close()
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from livetrain.weights import open_shared_copy
-from tests.vllm_harness import VllmEngine
+from livetrain.vllm_plugin.inprocess import InProcessEngine
 from tests.vllm_layouts import expected_layout, write_vllm_tiny_model
 
 pytestmark = pytest.mark.vllm
@@ -21,7 +21,7 @@ def model_dir(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def vllm(model_dir):
-    engine = VllmEngine(model_dir, cpu_mode="zero-copy", train_modules=TRAINED)
+    engine = InProcessEngine(model_dir, cpu_mode="zero-copy", train_modules=TRAINED)
     yield engine
     engine.close()
 
