@@ -3,10 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
 DTYPE_NAMES = ("bfloat16", "float32")
+ADMIN_TOKEN_ENV = "LIVETRAIN_ADMIN_TOKEN"
+
+
+class UsageError(Exception):
+    """The command line asks for something that cannot be done; the message says why."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Failures a person can act on: printed as one line, without a traceback."""
+    from livetrain.checkpoint import CheckpointError
+    from livetrain.client import LivetrainError
+    from livetrain.default_model import DefaultModelMissing
+    from livetrain.train.data import DataFormatError
+    from livetrain.train.step import InvalidExampleError
+    from livetrain.worker.lock import DirectoryInUse
+
+    return (UsageError, CheckpointError, LivetrainError, DefaultModelMissing, DataFormatError,
+            InvalidExampleError, DirectoryInUse, FileNotFoundError, FileExistsError)
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def admin_token(args: argparse.Namespace) -> str | None:
+    """The admin token for a server: --admin-token-file, else $LIVETRAIN_ADMIN_TOKEN."""
+    if getattr(args, "admin_token_file", None):
+        return Path(args.admin_token_file).read_text().strip()
+    return os.environ.get(ADMIN_TOKEN_ENV) or None
 
 
 def cmd_model_init_default(args: argparse.Namespace) -> int:
@@ -15,6 +46,70 @@ def cmd_model_init_default(args: argparse.Namespace) -> int:
     path = init_default(args.dir, dtype=DTYPES[args.dtype])
     print(f"default model ready: {path}")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    options = dict(loss=args.loss, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                   dry_run=args.dry_run)
+    if args.server:
+        if args.model or args.optimizer or args.train_modules:
+            raise UsageError("--model, --optimizer and --train-modules belong to offline training; "
+                             "a server was started with its own (see `livetrain serve --help`)")
+        from livetrain.client import TrainingClient
+
+        with TrainingClient(args.server, admin_token=admin_token(args),
+                            tokenizer=args.tokenizer) as client:
+            epochs, batch_size = options.pop("epochs"), options.pop("batch_size")
+            options = {k: v for k, v in options.items() if v is not None}
+            summary = client.train_jsonl(args.data, epochs=epochs, batch_size=batch_size, **options)
+    else:
+        if not args.model:
+            raise UsageError("give --model DIR (offline training) or --server URL (a running server)")
+        from livetrain.worker.offline import train_offline
+
+        summary = train_offline(args.data, args.model, optimizer=args.optimizer or "apollo-mini",
+                                max_grad_norm=args.max_grad_norm,
+                                **({"train_modules": args.train_modules} if args.train_modules else {}),
+                                **options)
+    print(summary.format())
+    return 0
+
+
+def cmd_teach(args: argparse.Namespace) -> int:
+    from livetrain.client import TrainingClient
+
+    with TrainingClient(args.server, admin_token=admin_token(args), tokenizer=args.tokenizer) as client:
+        result = client.teach(args.prompt, args.completion, system=args.system,
+                              **({"lr": args.lr} if args.lr is not None else {}), dry_run=args.dry_run)
+    print_json(result)
+    return 0 if result.get("applied") or args.dry_run else 1
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from livetrain.checkpoint import commands
+
+    if args.action == "status":
+        print_json(commands.checkpoint_status(args.dir))
+    elif args.action == "log":
+        print_json(commands.checkpoint_log(args.dir))
+    elif args.action == "verify":
+        report = commands.checkpoint_verify(args.dir)
+        print_json(report)
+        return 0 if report["ok"] else 1
+    elif args.action == "rollback":
+        if args.to is None:
+            raise UsageError("rollback needs --to GENERATION (see `livetrain checkpoint log DIR`)")
+        print_json(commands.checkpoint_rollback(args.dir, args.to))
+    elif args.action == "sync":
+        print_json(commands.checkpoint_sync(args.dir, args.source))
+    return 0
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin-token-file", type=Path,
+                        help=f"file holding the server's admin token (default: ${ADMIN_TOKEN_ENV})")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the served model's, "
+                                            "read from the server; only works on its machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +133,64 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16",
                       help="weight dtype on disk (default: bfloat16)")
     init.set_defaults(func=cmd_model_init_default)
+
+    train = commands.add_parser(
+        "train", help="train on a JSONL file: a model directory offline, or a running server",
+        description="Train on DATA (JSONL; one example a line: {prompt, completion}, "
+                    "{prompt, chosen, rejected} (strings or chat messages), {messages}, or raw "
+                    "token ids {context_ids, continuation_ids} / {context_ids, chosen_ids, "
+                    "rejected_ids}). With --model DIR the directory is trained in this process "
+                    "and the changed weights are written back as a new checkpoint generation; "
+                    "with --server URL the examples are tokenized here and posted to /train.")
+    train.add_argument("data", type=Path, help="training data (JSONL)")
+    where = train.add_mutually_exclusive_group()
+    where.add_argument("--model", type=Path, help="model directory to train offline")
+    where.add_argument("--server", help="base URL of a running `livetrain serve`")
+    train.add_argument("--loss", choices=("sft", "orpo", "dpo"), default="sft",
+                       help="sft for completions, orpo or dpo for preference pairs (default: sft)")
+    train.add_argument("--lr", type=float, help="learning rate (default: the optimizer's)")
+    train.add_argument("--epochs", type=int, default=1, help="passes over the data (default: 1)")
+    train.add_argument("--batch-size", type=int, default=1,
+                       help="examples per optimizer step (default: 1)")
+    train.add_argument("--optimizer", choices=("apollo-mini", "apollo", "adamw"),
+                       help="offline only (default: apollo-mini)")
+    train.add_argument("--train-modules", metavar="REGEX",
+                       help="offline only: which weights are trained, a regex on Hugging Face "
+                            "parameter names (default: the attention projections)")
+    train.add_argument("--max-grad-norm", type=float, default=1.0,
+                       help="offline only: clip the gradient norm (default: 1.0)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="compute losses and gradients, change nothing")
+    add_server_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    teach = commands.add_parser(
+        "teach", help="one training step on one prompt and answer, on a running server",
+        description="Tokenize PROMPT (a user turn) and COMPLETION (the answer wanted) with the "
+                    "model's chat template and post one SFT step to the server's /train.")
+    teach.add_argument("--server", required=True, help="base URL of a running `livetrain serve`")
+    teach.add_argument("--prompt", required=True, help="the user's message")
+    teach.add_argument("--completion", required=True, help="the answer to teach")
+    teach.add_argument("--system", help="a system message before the prompt")
+    teach.add_argument("--lr", type=float, help="learning rate (default: the server's)")
+    teach.add_argument("--dry-run", action="store_true", help="compute the step, apply nothing")
+    add_server_arguments(teach)
+    teach.set_defaults(func=cmd_teach)
+
+    checkpoint = commands.add_parser(
+        "checkpoint", help="inspect, verify and roll back a model directory's generations",
+        description="The model directory is the checkpoint: each sync writes the changed "
+                    "blocks of its safetensors files in place and commits a generation. "
+                    "status: latest generation and undo data kept; log: every kept generation; "
+                    "verify: re-read every tensor and check headers and checksums; rollback "
+                    "--to G: restore generation G bit for bit; sync [--source FILE]: write the "
+                    "tensors of a safetensors file as a new generation (with no file: recover "
+                    "an interrupted sync and report).")
+    checkpoint.add_argument("action", choices=("status", "sync", "log", "rollback", "verify"))
+    checkpoint.add_argument("dir", type=Path, help="model directory")
+    checkpoint.add_argument("--to", type=int, metavar="G", help="rollback: the generation to restore")
+    checkpoint.add_argument("--source", type=Path, help="sync: a safetensors file of new weights")
+    checkpoint.set_defaults(func=cmd_checkpoint)
     return parser
 
 
@@ -45,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except user_errors() as error:
+        print(f"livetrain {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
