@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -10,7 +12,7 @@ from livetrain.client import LivetrainError, TrainingClient
 from livetrain.routes import TrainingRoutes, router
 from livetrain.worker.connection import WorkerConnection
 from livetrain.worker.process import WorkerProcess
-from tests.session_helpers import example, files_digest, tiny_dir, wire
+from tests.session_helpers import CHATS, example, files_digest, tiny_dir, wire
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -168,3 +170,15 @@ def test_rollback_to_an_unknown_generation_is_a_404(served):
     assert response.status_code == 404
     error = response.json()["error"]
     assert error["param"] == "generation" and "cannot roll back to generation 999" in error["message"]
+
+
+def test_python_client_posts_a_jsonl_file_with_the_served_models_tokenizer(served, tmp_path):
+    http = served[0]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                                     {"role": "assistant", "content": a}]}) + "\n"
+                            for p, a in CHATS))
+    client = TrainingClient(http_client=http, admin_token=TOKEN)  # tokenizer: the served model's
+    summary = client.train_jsonl(data, batch_size=2, dry_run=True, progress=False)
+    assert (summary.steps, summary.examples, summary.refusals) == (2, 4, {"dry run": 2})
+    assert summary.tokens > 0 and summary.first_loss > 0

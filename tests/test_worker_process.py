@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import threading
 import time
@@ -133,3 +134,34 @@ def test_shutdown_syncs_and_releases_the_directory(tmp_path, tokenizer_dir):
     assert not process.runtime_dir.exists()
     with TrainingSession.open(model_dir) as session:
         assert session.optimizer_state == "restored (1 steps)"
+
+
+def test_an_orphaned_worker_syncs_and_exits(tmp_path, tokenizer_dir):
+    """The launcher dies without stopping the worker: it syncs, unlocks and exits by itself."""
+    import subprocess
+    import sys
+
+    from tests.session_helpers import tiny_dir
+
+    model_dir = tiny_dir(tmp_path / "model", tokenizer_dir)
+    digest = files_digest(model_dir)
+    launcher = (f"import json, sys\n"
+                f"from livetrain.worker.process import WorkerProcess\n"
+                f"w = WorkerProcess.start({str(model_dir)!r}, threads=1)\n"
+                f"w.request('train', {{'examples': [{wire(example(0))!r}]}})\n"
+                f"print(w.popen.pid, flush=True)\n")  # exits without stopping the worker
+    out = subprocess.run([sys.executable, "-c", launcher], check=True, capture_output=True, text=True)
+    pid = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the orphaned worker did not exit")
+    assert files_digest(model_dir) != digest
+    with TrainingSession.open(model_dir):
+        pass

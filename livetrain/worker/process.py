@@ -122,10 +122,13 @@ def run_worker(model_dir: str | os.PathLike, address: str, *, optimizer: str = "
     session = TrainingSession.open(model_dir, optimizer=optimizer, train_modules=train_modules,
                                    model=model, lr=lr, sync_interval_s=sync_interval_s, probe=probe,
                                    holder="livetrain serve (training worker)")
+    parent = os.getppid()
     try:
         server = WorkerServer(address, {})
         server.handlers.update(session_handlers(session, lambda args: server.load()))
-        server.serve_forever()
+        # If whatever started the worker dies without stopping it, sync and exit rather
+        # than hold the directory forever.
+        server.serve_forever(orphaned=lambda: os.getppid() != parent)
     finally:
         session.close()
 

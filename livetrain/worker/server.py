@@ -43,8 +43,9 @@ class WorkerServer:
         self._stopping = threading.Event()
         self._running: str | None = None
 
-    def serve_forever(self) -> None:
-        """Bind, answer requests, return after a ``shutdown`` request has been answered."""
+    def serve_forever(self, orphaned: Callable[[], bool] | None = None) -> None:
+        """Bind, answer requests, return after a ``shutdown`` request has been answered
+        (or, checked every second, once ``orphaned()`` says the owner is gone)."""
         router = self._context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 1000)
         router.bind(self.address)
@@ -58,7 +59,10 @@ class WorkerServer:
         log.info("training worker listening on %s", self.address)
         try:
             while True:
-                events = dict(poller.poll())
+                events = dict(poller.poll(1000))
+                if not events and orphaned is not None and orphaned():
+                    log.warning("the process that started the training worker is gone; stopping")
+                    break
                 if replies in events:
                     frames = replies.recv_multipart()
                     if frames == [b""]:  # the job thread finished a shutdown

@@ -118,6 +118,7 @@ class TrainingSession:
         self.optimizer = build_optimizer(model, optimizer_kind, train_modules, lr)
         names = {id(p): n for n, p in model.named_parameters()}
         self.trainable = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        self.trainable_parameters = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
         self.context_cache = ContextCache()
         self.steps_applied = 0
         self.steps_refused = 0
@@ -318,7 +319,7 @@ class TrainingSession:
             "model_dir": str(self.model_dir), "optimizer": self.optimizer_kind,
             "optimizer_state": self.optimizer_state, "train_modules": self.train_modules,
             "trainable_tensors": len(self.trainable),
-            "trainable_parameters": sum(self._named_params()[n].numel() for n in self.trainable),
+            "trainable_parameters": self.trainable_parameters,
             "lr": self.lr, "steps_applied": self.steps_applied, "steps_refused": self.steps_refused,
             "weights_version": self.weights_version, "dirty_since_sync": self.dirty,
             "last_generation": self.last_generation, "recent": list(self.recent),
