@@ -84,3 +84,20 @@ def test_tied_lm_head_kernel_follows_a_refreshed_embedding(vllm):
     finally:
         embed[100:110] = saved
         vllm.run(vllm.served.refresh(["model.embed_tokens.weight"]))
+
+
+@pytest.mark.parametrize("consistent", [False, True])
+def test_refresh_during_a_request_keeps_the_request(vllm, consistent):
+    import asyncio
+
+    async def refresh_while_generating():
+        request = asyncio.ensure_future(vllm.complete("Once upon a time", 48, ignore_eos=True))
+        await asyncio.sleep(0.5)
+        result = await vllm.served.refresh(["model.layers.1.self_attn.q_proj.weight"], consistent=consistent)
+        tokens, _ = await request
+        return result, tokens
+
+    result, tokens = vllm.run(refresh_while_generating())
+    assert result.params == ["model.layers.1.self_attn.qkv_proj.weight"]
+    assert len(tokens) == 48  # neither aborted nor cut short
+    assert result.prefix_cache_reset in ("reset", "reset_preempting_running")

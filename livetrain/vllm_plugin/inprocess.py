@@ -53,7 +53,8 @@ class InProcessEngine:
     def run(self, coroutine):
         return self.loop.run_until_complete(coroutine)
 
-    async def complete(self, prompt: str, max_tokens: int, greedy: bool = True, ignore_eos: bool = False):
+    async def complete(self, prompt: str, max_tokens: int, greedy: bool = True,
+                       ignore_eos: bool = False) -> tuple[list[int], list[float]]:
         """One completion: (token ids, their log-probs)."""
         from vllm import SamplingParams
 
@@ -79,6 +80,10 @@ class InProcessEngine:
         from livetrain.weights import remove_shared_copy
 
         self.engine.shutdown()
+        pending = asyncio.all_tasks(self.loop)  # the engine's output handlers
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.loop.close()
         if self.served is not None:
             remove_shared_copy(self.shm_dir)

@@ -63,22 +63,33 @@ class ServedModel:
         if self.weights_export["reused"]:  # the copy holds steps vLLM loaded from disk without
             await self.refresh(self.layout.hf_names())
 
-    async def refresh(self, changed_tensors: Iterable[str], weights_version: int | None = None) -> RefreshResult:
+    async def refresh(self, changed_tensors: Iterable[str], weights_version: int | None = None, *,
+                      consistent: bool | None = None) -> RefreshResult:
         """Make vLLM serve the shared copy's current values of ``changed_tensors`` (Hugging Face names).
 
         CPU reload mode reloads every vLLM parameter that contains a changed tensor, whole
         (all of q, k, v for a changed q_proj), through vLLM's weight-update API; zero-copy
         parameters and GPU weights need nothing. Then stale prefix-cache blocks are dropped.
+        ``consistent`` (default: the settings' ``consistent_updates``) pauses generation
+        around the reload, keeping in-flight requests (never aborting them), so no forward
+        pass sees a half-reloaded model; without it generation goes on (HOGWILD).
         """
         started = time.perf_counter()
         params = [] if self.kind != "shm" else [
             p for p in self.layout.params_to_refresh(changed_tensors) if p not in self.zero_copy]
-        if params:
-            await self.engine.start_weight_update()
-            await self.engine.update_weights(WeightTransferUpdateRequest(update_info={"params": params}))
-            await self.engine.finish_weight_update(
-                weight_version=None if weights_version is None else str(weights_version))
-        reset = await self.reset_prefix_cache()
+        consistent = self.settings.consistent_updates if consistent is None else consistent
+        if consistent:
+            await self.engine.pause_generation(mode="keep", clear_cache=False)
+        try:
+            if params:
+                await self.engine.start_weight_update()
+                await self.engine.update_weights(WeightTransferUpdateRequest(update_info={"params": params}))
+                await self.engine.finish_weight_update(
+                    weight_version=None if weights_version is None else str(weights_version))
+            reset = await self.reset_prefix_cache()
+        finally:
+            if consistent:
+                await self.engine.resume_generation()
         return RefreshResult(params, time.perf_counter() - started, reset)
 
     async def reset_prefix_cache(self) -> str:

@@ -18,6 +18,7 @@ class PluginSettings:
     ``train_modules``: regex on Hugging Face tensor names; what zero-copy mode serves from the copy.
     ``admin_token_file``: set when the routes require a token (then any host may be served).
     ``worker_address``: the training worker's ZMQ address (``ipc://...``).
+    ``consistent_updates``: pause generation (keeping requests) around each reload.
     """
 
     shm_dir: Path
@@ -25,6 +26,7 @@ class PluginSettings:
     train_modules: str = DEFAULT_TRAIN_MODULES
     admin_token_file: Path | None = None
     worker_address: str | None = None
+    consistent_updates: bool = False
 
     def __post_init__(self) -> None:
         if self.cpu_mode not in CPU_MODES:
@@ -37,6 +39,8 @@ class PluginSettings:
             env["LIVETRAIN_ADMIN_TOKEN_FILE"] = str(self.admin_token_file)
         if self.worker_address is not None:
             env["LIVETRAIN_WORKER_ADDRESS"] = self.worker_address
+        if self.consistent_updates:
+            env["LIVETRAIN_CONSISTENT_UPDATES"] = "1"
         return env
 
     @classmethod
@@ -46,4 +50,5 @@ class PluginSettings:
                    cpu_mode=env.get("LIVETRAIN_CPU_MODE", "reload"),
                    train_modules=env.get("LIVETRAIN_TRAIN_MODULES", DEFAULT_TRAIN_MODULES),
                    admin_token_file=Path(token) if token else None,
-                   worker_address=env.get("LIVETRAIN_WORKER_ADDRESS"))
+                   worker_address=env.get("LIVETRAIN_WORKER_ADDRESS"),
+                   consistent_updates=env.get("LIVETRAIN_CONSISTENT_UPDATES", "") not in ("", "0"))
