@@ -43,6 +43,9 @@ _TINY = 1e-8
 _PROJECTION_STREAM = 1
 _ROUNDING_STREAM = 2
 _MASK64 = (1 << 64) - 1
+# Weights are stepped in batches of at most this many gradient bytes, so that a gradient
+# read by the projection is still in a CPU's last-level cache when the update reads it.
+_BATCH_BYTES = 8 << 20
 
 
 def mix_seed(*values: int) -> int:
@@ -129,7 +132,8 @@ class Apollo(Optimizer):
             if group["rank"] is None:
                 self._adamw_step(group, params)
             else:
-                self._apollo_step(group, params)
+                for batch in _batches(params, _BATCH_BYTES):
+                    self._apollo_step(group, batch)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -167,7 +171,7 @@ class Apollo(Optimizer):
             axis = projected_axis(p)
             proj = self._projection(p, state["seed"], state["step"], group)  # (r, k)
             grad = p.grad.float()  # the gradient itself when it is fp32
-            projected.append(grad @ proj.T if axis == 1 else proj @ grad)
+            projected.append(grad @ proj.t() if axis == 1 else proj @ grad)
             # ‖G‖ per channel (m, 1) / (1, n), or of the whole gradient: with the scaling
             # factors it gives ‖G·diag(s)‖ without forming G·diag(s).
             grad_norms.append(torch.linalg.vector_norm(
@@ -178,53 +182,56 @@ class Apollo(Optimizer):
         # Adam in the projected space: the small tensors of all weights at once.
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, projected, alpha=1 - beta1)
+        torch._foreach_lerp_(exp_avgs, projected, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, projected, projected, value=1 - beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denoms, group["eps"])
         normalized = torch._foreach_div(exp_avgs, denoms)
 
-        # Scaling factors s: (m, 1) or (1, n) per channel, or 0-dim per weight.
+        # Scaling factors s: (m, 1) or (1, n) per channel, or one per weight; and
+        # ‖G·diag(s)‖ per weight (P,), from the norms of G without forming G·diag(s).
         if channelwise:
             scales = [
                 torch.linalg.vector_norm(n, dim=projected_axis(p), keepdim=True)
                 .div_(torch.linalg.vector_norm(r, dim=projected_axis(p), keepdim=True).add_(_TINY))
                 for p, n, r in zip(params, normalized, projected)]
+            scaled_norms = torch.stack(torch._foreach_norm(torch._foreach_mul(scales, grad_norms)))
         else:
-            scales = torch._foreach_norm(normalized)
-            projected_norms = torch._foreach_norm(projected)
-            torch._foreach_add_(projected_norms, _TINY)
-            torch._foreach_div_(scales, projected_norms)
+            scale_vector = torch.stack(torch._foreach_norm(normalized)).div_(
+                torch.stack(torch._foreach_norm(projected)).add_(_TINY))  # (P,)
+            scaled_norms = scale_vector * torch.stack(grad_norms)
 
         if group["norm_growth_limit"] is not None:
-            self._limit_norm_growth(scales, grad_norms, states, group["norm_growth_limit"])
+            divisors = self._limit_norm_growth(scaled_norms, states, group["norm_growth_limit"])
+            if channelwise:
+                torch._foreach_div_(scales, list(divisors.unbind()))
+            else:
+                scale_vector.div_(divisors)
+        if not channelwise:
+            scales = scale_vector.unbind()
 
-        # s ← −lr · bias correction · α · s: the whole update is then G ⊙ s.
-        torch._foreach_mul_(scales, [-self._step_size(state, group) * self._alpha(p, group)
-                                     for p, state in zip(params, states)])
         for p, state, scale in zip(params, states, scales):
+            # W ← W − lr · bias correction · α · G ⊙ s, in one pass over G and W.
             weights = self._decayed_fp32_weights(p, group)
-            weights.addcmul_(p.grad, scale)
+            weights.addcmul_(p.grad, scale,
+                             value=-self._step_size(state, group) * self._alpha(p, group))
             self._store(p, weights, state, group)
 
     @staticmethod
-    def _limit_norm_growth(scales: list[torch.Tensor], grad_norms: list[torch.Tensor],
-                           states: list[dict[str, Any]], gamma: float) -> None:
-        """Scale each s down so that ‖G·diag(s)‖ ≤ γ·(last step's norm), on the device.
+    def _limit_norm_growth(scaled_norms: torch.Tensor, states: list[dict[str, Any]],
+                           gamma: float) -> torch.Tensor:
+        """Divisors (P,) ≥ 1 that keep each ‖G·diag(s)‖ (`scaled_norms`, (P,)) within γ
+        times last step's, computed on the device.
 
         State "update_norm" holds last step's limited norm; it starts at +inf, so the
         first step is never limited.
         """
-        norms = torch._foreach_norm(torch._foreach_mul(scales, grad_norms))  # ‖G·diag(s)‖
         previous = [s["update_norm"] for s in states]
-        divisors = torch._foreach_div(norms, torch._foreach_add(previous, _TINY))
-        torch._foreach_clamp_min_(divisors, gamma)
-        torch._foreach_div_(divisors, gamma)  # max(growth, γ) / γ ≥ 1
-        torch._foreach_div_(scales, divisors)
-        torch._foreach_div_(norms, divisors)
-        torch._foreach_copy_(previous, norms)
+        divisors = scaled_norms / torch.stack(previous).add_(_TINY)
+        divisors.clamp_min_(gamma).div_(gamma)  # max(growth, γ) / γ
+        torch._foreach_copy_(previous, list((scaled_norms / divisors).unbind()))
+        return divisors
 
     @staticmethod
     def _projected_shape(p: torch.Tensor, group: dict[str, Any]) -> tuple[int, int]:
@@ -318,6 +325,20 @@ class Apollo(Optimizer):
             copy_stochastic_(p, weights, generator)
         else:
             p.copy_(weights)
+
+
+def _batches(params: list[torch.Tensor], max_bytes: int) -> Iterable[list[torch.Tensor]]:
+    """Consecutive runs of `params` whose gradients hold at most `max_bytes` (at least one each)."""
+    batch, size = [], 0
+    for p in params:
+        nbytes = p.grad.numel() * p.grad.element_size()
+        if batch and size + nbytes > max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(p)
+        size += nbytes
+    if batch:
+        yield batch
 
 
 def apollo_mini(params: ParamsT, lr: float = 1e-3, **kwargs: Any) -> Apollo:
