@@ -103,6 +103,9 @@ def prefill(model: torch.nn.Module, prefix_ids: torch.Tensor,
     out = model(input_ids=prefix_ids.view(1, -1), past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
     cache = out.past_key_values
+    if cache is None:
+        raise RuntimeError("the model returned no cache for the context; gradient checkpointing in training "
+                           "mode turns caching off (call model.gradient_checkpointing_disable())")
     if base is not None:
         for layer in cache.layers:
             _refreeze_layer(layer)

@@ -1,0 +1,226 @@
+"""Context-frozen training step vs full backprop, and a shared-context ORPO step vs TRL's.
+
+The default model (SmolLM2-135M-Instruct) in fp32, torch.set_num_threads(2). Every
+variant trains the same parameters with the same optimizer (APOLLO-Mini on every 2-D
+decoder matrix, AdamW on norms, embeddings frozen), gradient clipped to norm 1.
+
+* full:    full backprop of context + continuation, loss on the continuation only (the
+           context masked); logits computed only where the loss needs them.
+* frozen:  livetrain's `train_step` (context under no_grad, continuation with grad).
+* hit:     `train_step` with the context's state already in a `ContextCache`.
+* ORPO:    `train_step(loss="orpo")` (the context runs once, both answers reuse it) vs
+           TRL's ORPOTrainer (`trl.experimental.orpo`) on the same tokenized example.
+
+Step times: median of --reps runs after one warm-up, variants interleaved so that load
+from other processes hits them alike. Peak memory: each variant runs one step in a fresh
+subprocess; the figure is the rise of the process's peak resident set (VmHWM, reset via
+/proc/self/clear_refs just before the step) over its resident set before the step.
+
+    .venv/bin/python bench/train_step.py [--reps 3] [--threads 2]
+TRL is a benchmark-only dependency: .venv/bin/pip install trl==1.16.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from livetrain.default_model import init_default
+from livetrain.optim import apollo_mini, apollo_param_groups
+from livetrain.train import ContextCache, PreferenceExample, SFTExample, StepOptions, train_step
+from livetrain.train.losses import token_logprobs
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / ".cache" / "smollm2-135m-bf16"
+CONTEXT, CONTINUATION = 1024, 64
+ORPO_PROMPT, ORPO_ANSWER = 512, 64
+LR = 1e-5
+
+
+def load_model(threads: int) -> tuple[torch.nn.Module, AutoTokenizer]:
+    torch.set_num_threads(threads)
+    model_dir = init_default(MODEL_DIR, dtype=torch.bfloat16, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return apollo_mini(apollo_param_groups(model), lr=LR)
+
+
+def sft_example(seed: int = 0) -> SFTExample:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, 40000, (CONTEXT + CONTINUATION,), generator=g).tolist()
+    return SFTExample(tuple(ids[:CONTEXT]), tuple(ids[CONTEXT:]))
+
+
+def full_backprop_step(model, optimizer, example: SFTExample) -> float:
+    """The reference: one forward/backward over context + continuation, context masked."""
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    ids = torch.tensor(example.context_ids + example.continuation_ids)
+    n = len(example.continuation_ids)
+    logits = model(input_ids=ids[None], logits_to_keep=n + 1).logits[0, :-1]
+    loss = -token_logprobs(logits, ids[-n:]).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+# --- peak memory, one variant per fresh process ------------------------------------------
+
+def _vm(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def memory_child(variant: str, threads: int) -> None:
+    model, _ = load_model(threads)
+    optimizer = make_optimizer(model)
+    example = sft_example()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _vm("VmRSS")
+    if variant == "full":
+        full_backprop_step(model, optimizer, example)
+    else:
+        result = train_step(model, optimizer, [example], StepOptions(measure_update=variant == "frozen"))
+        assert result.applied, result.reason
+    print(json.dumps({"variant": variant, "peak_delta_bytes": _vm("VmHWM") - before}))
+
+
+def peak_memory(variant: str, threads: int) -> int:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", variant, "--threads", str(threads)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_delta_bytes"]
+
+
+# --- TRL's ORPO trainer on the same example ------------------------------------------------
+
+def orpo_example(tokenizer) -> dict[str, str]:
+    """Strings that tokenize to about ORPO_PROMPT / ORPO_ANSWER tokens (plain words)."""
+    words = [t for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isalpha() and i > 1000]
+    g = torch.Generator().manual_seed(1)
+
+    def text(n: int) -> str:
+        return "".join(words[i] for i in torch.randint(len(words), (n,), generator=g).tolist()).replace("Ġ", " ")
+
+    return {"prompt": text(ORPO_PROMPT), "chosen": text(ORPO_ANSWER), "rejected": text(ORPO_ANSWER)}
+
+
+def trl_orpo(model, tokenizer, reps: int) -> tuple[list[float], PreferenceExample]:
+    """Step times of TRL's ORPOTrainer, and the example exactly as TRL tokenized it."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    row = orpo_example(tokenizer)
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as out:
+        config = ORPOConfig(output_dir=out, per_device_train_batch_size=1, max_steps=reps + 1, learning_rate=LR,
+                            beta=0.1, max_length=2 * ORPO_PROMPT, max_completion_length=4 * ORPO_ANSWER,
+                            max_grad_norm=1.0, report_to=[], save_strategy="no", logging_strategy="no",
+                            use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                            gradient_checkpointing=False)
+        trainer = ORPOTrainer(model=model, args=config, processing_class=tokenizer,
+                              train_dataset=Dataset.from_list([row] * (reps + 1)),
+                              optimizers=(make_optimizer(model), None), callbacks=[StepTimer()])
+        tokenized = trainer.train_dataset[0]
+        trainer.train()
+    prompt = tuple(tokenized["prompt_input_ids"])
+    strip = len(prompt)
+    example = PreferenceExample(prompt, tuple(tokenized["chosen_input_ids"][strip:]),
+                                tuple(tokenized["rejected_input_ids"][strip:]))
+    return times[1:], example
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-child", choices=["full", "frozen", "frozen-no-update-norm"])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_step.json")
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.threads)
+        return
+
+    model, tokenizer = load_model(args.threads)
+    optimizer = make_optimizer(model)
+    example = sft_example()
+    cache = ContextCache(max_age_steps=None)
+
+    # TRL first: it also yields the exact tokenized ORPO example both sides train on.
+    trl_times, pair = trl_orpo(model, tokenizer, args.reps)
+
+    times: dict[str, list[float]] = {"full": [], "frozen": [], "hit": [], "orpo": []}
+    for rep in range(args.reps + 1):  # rep 0 warms up (and fills the context cache)
+        step = {"full": full_backprop_step(model, optimizer, example),
+                "frozen": train_step(model, optimizer, [example]).seconds,
+                "hit": train_step(model, optimizer, [example], context_cache=cache),
+                "orpo": train_step(model, optimizer, [pair], StepOptions(loss="orpo")).seconds}
+        hit = step["hit"]
+        assert hit.cache_hits == (rep > 0), "expected a context-cache hit after the first step"
+        step["hit"] = hit.seconds
+        if rep:
+            for name, seconds in step.items():
+                times[name].append(seconds)
+        print(f"rep {rep}: " + ", ".join(f"{k} {v:.2f}s" for k, v in step.items()), flush=True)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    median["trl_orpo"] = statistics.median(trl_times)
+
+    memory = {v: peak_memory(v, args.threads) for v in ("full", "frozen", "frozen-no-update-norm")}
+
+    rows = [
+        ("step time, context-frozen vs full backprop (ctx 1024, cont 64)",
+         median["frozen"], median["full"], "s", 0.4),
+        ("peak memory of that step (update norm measured)",
+         memory["frozen"], memory["full"], "bytes", 0.45),
+        ("peak memory of that step (update norm not measured)",
+         memory["frozen-no-update-norm"], memory["full"], "bytes", 0.45),
+        ("step time, context-cache hit vs full backprop", median["hit"], median["full"], "s", 0.1),
+        (f"ORPO step, livetrain vs TRL ORPOTrainer (ctx {len(pair.context_ids)}, "
+         f"chosen {len(pair.chosen_ids)}, rejected {len(pair.rejected_ids)})",
+         median["orpo"], median["trl_orpo"], "s", 0.3),
+    ]
+    print(f"\nSmolLM2-135M-Instruct, fp32, {args.threads} threads, median of {args.reps}")
+    print(f"{'figure':78s} {'livetrain':>10s} {'reference':>10s} {'ratio':>6s} {'target':>7s}")
+    results = []
+    for name, ours, ref, unit, target in rows:
+        ratio = ours / ref
+        fmt = (lambda x: f"{x:.2f} s") if unit == "s" else (lambda x: f"{x / 2**30:.2f} GiB")
+        print(f"{name:78s} {fmt(ours):>10s} {fmt(ref):>10s} {ratio:6.2f} {'<= ' + str(target):>7s}"
+              f"  {'ok' if ratio <= target else 'MISSES TARGET'}")
+        results.append({"figure": name, "livetrain": ours, "reference": ref, "unit": unit,
+                        "ratio": ratio, "target": target, "meets_target": ratio <= target})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "dtype": "float32", "threads": args.threads,
+                                    "reps": args.reps, "times": times, "trl_orpo_times": trl_times,
+                                    "peak_memory_bytes": memory, "figures": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
