@@ -126,6 +126,7 @@ class TrainingSession:
         self.dirty = False
         self._state_unsaved = False
         self.recent: deque[dict[str, Any]] = deque(maxlen=16)
+        self._recent_lock = threading.Lock()  # status() reads it from another thread
         self.optimizer_state = self._restore_optimizer_state()
         self.last_generation = directory.latest
         self.scheduler = (SyncScheduler(self._sync, interval_s=sync_interval_s)
@@ -201,7 +202,8 @@ class TrainingSession:
                 changed_tensors=changed, dry_run=dry_run, probe_drift=_finite_or_none(probe_drift),
                 request_id=request_id)
             summary = {k: v for k, v in report.to_dict().items() if k != "changed_tensors"}
-            self.recent.append(summary)
+            with self._recent_lock:
+                self.recent.append(summary)
             if not dry_run:
                 self._log("step", loss_kind=options.loss, lr=options.lr or self.lr, **summary)
             if result.applied:
@@ -315,6 +317,8 @@ class TrainingSession:
 
     def status(self) -> dict[str, Any]:
         """A snapshot; safe to call while a step runs (reads counters only)."""
+        with self._recent_lock:
+            recent = list(self.recent)
         return {
             "model_dir": str(self.model_dir), "optimizer": self.optimizer_kind,
             "optimizer_state": self.optimizer_state, "train_modules": self.train_modules,
@@ -322,7 +326,7 @@ class TrainingSession:
             "trainable_parameters": self.trainable_parameters,
             "lr": self.lr, "steps_applied": self.steps_applied, "steps_refused": self.steps_refused,
             "weights_version": self.weights_version, "dirty_since_sync": self.dirty,
-            "last_generation": self.last_generation, "recent": list(self.recent),
+            "last_generation": self.last_generation, "recent": recent,
             "last_sync_error": (None if self.scheduler is None or self.scheduler.last_error is None
                                 else str(self.scheduler.last_error)),
         }
