@@ -10,13 +10,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
-from livetrain.vllm_plugin.launcher import (ENTRY_MODULE, VllmLaunch, start_vllm, stop_vllm, vllm_command, vllm_env,
-                                            wait_until_ready)
+from livetrain.vllm_plugin.launcher import (ENTRY_MODULE, UnsupportedVllmConfig, VllmLaunch, start_vllm, stop_vllm,
+                                            vllm_command, vllm_env, wait_until_ready)
 from livetrain.vllm_plugin.plugins import AccessRuleError, check_access_rule
 from livetrain.vllm_plugin.settings import PluginSettings
-from livetrain.weights import read_manifest, remove_shared_copy
-from tests.vllm_layouts import write_vllm_tiny_model
+from livetrain.weights import Layout, read_manifest, remove_shared_copy
+from tests.vllm_layouts import expected_layout, write_vllm_tiny_model
 
 
 def free_port() -> int:
@@ -34,6 +36,14 @@ def test_command_uses_the_launcher_entry_and_the_worker_extension(tmp_path):
     assert command[-2:] == ["--dtype", "bfloat16"]
     with pytest.raises(ValueError):
         vllm_command(VllmLaunch(tmp_path, launch.settings, extra_args=["--worker-extension-cls=x.Y"]))
+
+
+@pytest.mark.parametrize("args", [["-tp", "2"], ["--data-parallel-size=2"], ["--api-server-count", "3"]])
+def test_configurations_not_designed_yet_are_refused(tmp_path, args):
+    settings = PluginSettings(shm_dir=Path("/dev/shm/livetrain-x"))
+    with pytest.raises(UnsupportedVllmConfig):
+        vllm_command(VllmLaunch(tmp_path, settings, extra_args=args))
+    vllm_command(VllmLaunch(tmp_path, settings, extra_args=[args[0].split("=")[0], "1"]))
 
 
 def test_environment_appends_livetrain_to_vllm_plugins_and_sets_cpu_resources(tmp_path):
@@ -78,8 +88,9 @@ def test_vllm_started_by_the_launcher_serves_openai_and_the_training_routes(tmp_
             urllib.request.urlopen(launch.base_url + "/train/status", timeout=60)
         assert error.value.code in (503, 504)
         assert "error" in json.load(error.value)
-        # ... and made the shared copy of the served weights.
-        assert "model.layers.0.self_attn.qkv_proj.weight" in read_manifest(shm_dir)["handles"]
+        # ... and made the shared copy of the served weights, laid out as vLLM packs Qwen3.
+        reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        assert Layout.from_dict(read_manifest(shm_dir)["layout"]) == expected_layout(reference)
     finally:
         stop_vllm(process)
         remove_shared_copy(shm_dir)

@@ -15,8 +15,7 @@ import torch
 
 from livetrain.vllm_plugin.extension import QUALNAME
 from livetrain.vllm_plugin.launcher import PLUGIN_NAME
-from livetrain.vllm_plugin.settings import DEFAULT_TRAIN_MODULES, PluginSettings
-from livetrain.vllm_plugin.transfer import BACKEND
+from livetrain.vllm_plugin.settings import BACKEND, DEFAULT_TRAIN_MODULES, PluginSettings
 
 
 class InProcessEngine:

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from livetrain.vllm_plugin.extension import QUALNAME
-from livetrain.vllm_plugin.settings import PluginSettings
-from livetrain.vllm_plugin.transfer import BACKEND
+from livetrain.vllm_plugin.settings import BACKEND, PluginSettings
 
 ENTRY_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 PLUGIN_NAME = "livetrain"
@@ -29,6 +28,28 @@ PLUGIN_NAME = "livetrain"
 
 class VllmStartError(RuntimeError):
     """vLLM exited or did not become ready in time; the message ends with its log's tail."""
+
+
+class UnsupportedVllmConfig(ValueError):
+    """A vLLM argument asks for a configuration livetrain is not designed for yet."""
+
+
+# vLLM flags whose value must stay 1: one engine, one API server, one worker holding whole tensors.
+SINGLE_ONLY = {"--data-parallel-size": "data parallel", "-dp": "data parallel",
+               "--api-server-count": "more than one API server", "-asc": "more than one API server",
+               "--tensor-parallel-size": "tensor parallel", "-tp": "tensor parallel",
+               "--pipeline-parallel-size": "pipeline parallel", "-pp": "pipeline parallel"}
+
+
+def check_supported(extra_args: Sequence[str]) -> None:
+    """Refuse vLLM arguments for configurations not designed yet (each of these must be 1)."""
+    args = list(extra_args)
+    for i, arg in enumerate(args):
+        flag, _, value = arg.partition("=")
+        if flag in SINGLE_ONLY:
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            if value != "1":
+                raise UnsupportedVllmConfig(f"{SINGLE_ONLY[flag]} ({flag} {value}) is not supported by livetrain yet")
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,7 @@ def vllm_command(launch: VllmLaunch, python: str = sys.executable) -> list[str]:
     for flag in ("--worker-extension-cls", "--weight-transfer-config"):
         if any(arg == flag or arg.startswith(flag + "=") for arg in launch.extra_args):
             raise ValueError(f"{flag} is set by livetrain; remove it from the vLLM arguments")
+    check_supported(launch.extra_args)
     return [python, "-m", ENTRY_MODULE, "--model", str(launch.model_dir),
             "--host", launch.host, "--port", str(launch.port),
             "--worker-extension-cls", QUALNAME,

@@ -15,8 +15,7 @@ from argparse import Namespace
 from fastapi import FastAPI
 from starlette.datastructures import State
 
-from livetrain.vllm_plugin.settings import PluginSettings
-from livetrain.vllm_plugin.transfer import BACKEND
+from livetrain.vllm_plugin.settings import BACKEND, PluginSettings
 
 
 class AccessRuleError(RuntimeError):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CPU_MODES = ("reload", "zero-copy")
+BACKEND = "livetrain_shm"  # the weight-transfer backend's name (--weight-transfer-config)
 DEFAULT_TRAIN_MODULES = r"\.q_proj\.weight$"
 
 

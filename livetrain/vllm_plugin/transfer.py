@@ -2,7 +2,7 @@
 
 Driven through vLLM's public weight-update API (``EngineClient.start_weight_update`` /
 ``update_weights`` / ``finish_weight_update``) and selected with
-``--weight-transfer-config '{"backend": "livetrain_shm"}'``. Nothing travels but names:
+``--weight-transfer-config '{"backend": "livetrain_shm"}'`` (`settings.BACKEND`). Nothing travels but names:
 the worker maps the shared copy once, and each update sends the vLLM parameters to
 reload; their Hugging Face slices go through the model's own ``load_weights`` inside
 vLLM's layerwise reload, which re-runs the kernel packing (oneDNN on CPU).
@@ -20,8 +20,6 @@ from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightT
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
 from livetrain.weights import Layout, open_shared_copy
-
-BACKEND = "livetrain_shm"
 
 
 @dataclass

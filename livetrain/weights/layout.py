@@ -73,6 +73,7 @@ class Layout:
     params: dict[str, ParamLayout]
     hf_shapes: dict[str, tuple[int, ...]]
     tied: dict[str, str] = field(default_factory=dict)
+    _owner_of: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
@@ -86,9 +87,7 @@ class Layout:
         for alias, target in self.tied.items():
             if target not in seen:
                 raise LayoutError(f"tied {alias} -> {target}: {target} is in no vLLM parameter")
-        self._owner_of.update(seen)
-
-    _owner_of: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+        self._owner_of.update(seen)  # Hugging Face name -> vLLM parameter
 
     def owner_of(self, hf_name: str) -> str:
         """The vLLM parameter that holds Hugging Face tensor ``hf_name`` (tied names resolved)."""
