@@ -9,9 +9,10 @@ a reply is ``{"id": REQUEST_ID, "ok": True, "result": {...}}`` or
 Operations and their ``args``:
 
 * ``train``: ``examples`` (list of dicts with ``context_ids`` and either
-  ``continuation_ids`` or ``chosen_ids`` + ``rejected_ids``), ``loss``, ``lr``,
-  ``dry_run``, ``max_grad_norm``. Result: the step result plus ``weights_version``
-  and ``changed_tensors`` (Hugging Face names, empty unless the step was applied).
+  ``continuation_ids`` or ``chosen_ids`` + ``rejected_ids``), ``options`` (fields of
+  ``livetrain.train.step.StepOptions``: loss, lr, dry_run, max_grad_norm, ...),
+  ``request_id``. Result: the step report plus ``weights_version`` and
+  ``changed_tensors`` (Hugging Face names, empty unless the step was applied).
 * ``logprobs``: ``context_ids``, ``continuation_ids``. Result: ``logprobs``, ``sum``.
 * ``status``: no args; answered at once, even while a step runs.
 * ``checkpoint``: sync now. ``generations``: list them. ``rollback``: ``generation``.

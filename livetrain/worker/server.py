@@ -92,7 +92,7 @@ class WorkerServer:
             return
         op = message.get("op")
         if op == "status":
-            router.send_multipart([*envelope, protocol.encode(self._handle(message))])
+            router.send_multipart([*envelope, self._handle(message)])
         elif self._stopping.is_set():
             error = WorkerError("the training worker is shutting down", protocol.UNAVAILABLE)
             router.send_multipart([*envelope, protocol.encode(protocol.error_reply(message.get("id"), error))])
@@ -112,7 +112,7 @@ class WorkerServer:
             while (job := self._jobs.get()) is not None:
                 envelope, message = job
                 self._running = message.get("op")
-                reply = protocol.encode(self._handle(message))
+                reply = self._handle(message)
                 self._running = None
                 # An empty last frame after a shutdown's reply tells the loop to stop.
                 out.send_multipart([*envelope, reply])
@@ -122,23 +122,27 @@ class WorkerServer:
         finally:
             out.close(linger=1000)
 
-    def _handle(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _handle(self, message: dict[str, Any]) -> bytes:
+        """Run one request; the encoded reply (an error reply if anything failed)."""
         request_id = message.get("id")
-        op = message.get("op")
         try:
-            handler = self.handlers.get(op) if isinstance(op, str) else None
-            if handler is None:
-                raise WorkerError(f"unknown operation {op!r}", protocol.INVALID_REQUEST, param="op")
-            deadline = message.get("deadline")
-            if deadline is not None and time.time() > deadline:
-                raise WorkerError(f"request {request_id} waited past its deadline and was not run",
-                                  protocol.TIMEOUT)
-            args = message.get("args") or {}
-            if not isinstance(args, dict):
-                raise WorkerError("args must be an object", protocol.INVALID_REQUEST, param="args")
-            return protocol.ok_reply(request_id, handler(args))
+            return protocol.encode(protocol.ok_reply(request_id, self._result(message)))
         except WorkerError as exc:
-            return protocol.error_reply(request_id, exc)
+            return protocol.encode(protocol.error_reply(request_id, exc))
         except Exception as exc:  # a failed job must not take the worker down
-            log.exception("%s request %s failed", op, request_id)
-            return protocol.error_reply(request_id, WorkerError(f"{type(exc).__name__}: {exc}"))
+            log.exception("%s request %s failed", message.get("op"), request_id)
+            return protocol.encode(protocol.error_reply(request_id, WorkerError(f"{type(exc).__name__}: {exc}")))
+
+    def _result(self, message: dict[str, Any]) -> dict[str, Any]:
+        op = message.get("op")
+        handler = self.handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise WorkerError(f"unknown operation {op!r}", protocol.INVALID_REQUEST, param="op")
+        deadline = message.get("deadline")
+        if deadline is not None and time.time() > deadline:
+            raise WorkerError(f"request {message.get('id')} waited past its deadline and was not run",
+                              protocol.TIMEOUT)
+        args = message.get("args") or {}
+        if not isinstance(args, dict):
+            raise WorkerError("args must be an object", protocol.INVALID_REQUEST, param="args")
+        return handler(args)
