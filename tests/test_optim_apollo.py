@@ -105,8 +105,8 @@ def test_state_is_small_and_holds_no_projection():
     for p in params:
         state = opt.state[p]
         assert set(state) == {"step", "seed", "exp_avg", "exp_avg_sq", "update_norm"}
-        expected = (p.shape[0], 1) if projected_axis(p) == 1 else (1, p.shape[1])
-        assert state["exp_avg"].shape == state["exp_avg_sq"].shape == expected
+        channels = p.shape[0] if projected_axis(p) == 1 else p.shape[1]  # the larger side
+        assert state["exp_avg"].shape == state["exp_avg_sq"].shape == (channels, 1)
         assert state["exp_avg"].dtype == torch.float32
 
 
@@ -115,7 +115,7 @@ def test_rank_is_capped_at_the_projected_side():
     opt = Apollo([p], rank=256)
     p.grad = torch.randn_like(p)
     opt.step()
-    assert opt.state[p]["exp_avg"].shape == (24, 64)
+    assert opt.state[p]["exp_avg"].shape == (64, 24)  # (channels, rank)
     assert opt.projection(p).shape == (24, 24)
 
 
@@ -202,3 +202,20 @@ def test_closure_loss_is_returned():
 
     loss = opt.step(closure)
     assert loss is not None and p.grad is not None
+
+
+def test_weights_without_a_gradient_keep_their_state_while_others_step():
+    params = make_params()
+    opt = Apollo(params, rank=4, update_proj_gap=2)
+    run_steps(opt, params, range(2))
+    kept = {k: v.clone() for k, v in opt.state[params[1]].items() if isinstance(v, torch.Tensor)}
+    weight = params[1].detach().clone()
+    set_gradients(params, 2)
+    params[1].grad = None
+    opt.step()
+    assert opt.state[params[1]]["step"] == 2 and opt.state[params[0]]["step"] == 3
+    assert torch.equal(params[1], weight)
+    for key, value in kept.items():
+        assert torch.equal(opt.state[params[1]][key], value), key
+    run_steps(opt, params, range(3, 5))
+    assert opt.state[params[1]]["step"] == 4

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from itertools import chain
+from itertools import accumulate, chain
 from typing import Any
 
 import torch
@@ -105,6 +105,8 @@ class Apollo(Optimizer):
         # The current projection of each parameter and the refresh it belongs to. Not
         # state: it is regenerated from the parameter's seed whenever it is missing.
         self._projections: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
+        # Flat buffers of each batch of APOLLO weights, by the batch's first weight.
+        self._layouts: dict[torch.Tensor, _FlatLayout] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -152,6 +154,7 @@ class Apollo(Optimizer):
                                  if isinstance(value, torch.Tensor) else value
                                  for key, value in saved.items()}
         self._projections.clear()
+        self._layouts.clear()
 
     def projection(self, p: torch.Tensor) -> torch.Tensor:
         """The projection P (r, k) that `p`'s next step uses (after at least one step)."""
@@ -162,81 +165,70 @@ class Apollo(Optimizer):
     # --- APOLLO -----------------------------------------------------------------------
 
     def _apollo_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """One step of a batch of weights on one device. The small projected-space math
+        runs on the batch's flat buffers: a few ops per batch, not per weight."""
         beta1, beta2 = group["betas"]
         channelwise = group["scale_type"] == "channel"
-        states, projected, grad_norms = [], [], []
-        for p in params:
-            state = self._init_state(p, group, moment_shape=self._projected_shape(p, group))
+        layout = self._layout(group, params)
+        states = [self.state[p] for p in params]
+        projected = torch.empty_like(layout.exp_avg)  # (F,): R of every weight, channel-major
+        # ‖G‖ per channel (C,) or per weight (P,): with the scaling factors it gives
+        # ‖G·diag(s)‖ without forming G·diag(s).
+        grad_norms = projected.new_empty(layout.channel_offsets[-1] if channelwise else len(params))
+        for i, (p, state) in enumerate(zip(params, states)):
             state["step"] += 1
             axis = projected_axis(p)
             proj = self._projection(p, state["seed"], state["step"], group)  # (r, k)
             grad = p.grad.float()  # the gradient itself when it is fp32
-            projected.append(grad @ proj.t() if axis == 1 else proj @ grad)
-            # ‖G‖ per channel (m, 1) / (1, n), or of the whole gradient: with the scaling
-            # factors it gives ‖G·diag(s)‖ without forming G·diag(s).
-            grad_norms.append(torch.linalg.vector_norm(
-                p.grad, dim=axis if channelwise else None, keepdim=channelwise,
-                dtype=torch.float32))
-            states.append(state)
+            # (channels, r): R = G Pᵀ for m >= n; Rᵀ = Gᵀ Pᵀ for m < n.
+            torch.mm(grad if axis == 1 else grad.t(), proj.t(), out=layout.view(projected, i))
+            torch.linalg.vector_norm(
+                p.grad, dim=axis if channelwise else None, dtype=torch.float32,
+                out=grad_norms[layout.channels(i)] if channelwise else grad_norms[i])
 
-        # Adam in the projected space: the small tensors of all weights at once.
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_lerp_(exp_avgs, projected, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, projected, projected, value=1 - beta2)
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(denoms, group["eps"])
-        normalized = torch._foreach_div(exp_avgs, denoms)
+        # Adam in the projected space, all weights at once (F,).
+        layout.exp_avg.lerp_(projected, 1 - beta1)
+        layout.exp_avg_sq.mul_(beta2).addcmul_(projected, projected, value=1 - beta2)
+        normalized = layout.exp_avg_sq.sqrt().add_(group["eps"])
+        torch.div(layout.exp_avg, normalized, out=normalized)
 
-        # Scaling factors s: (m, 1) or (1, n) per channel, or one per weight; and
-        # ‖G·diag(s)‖ per weight (P,), from the norms of G without forming G·diag(s).
-        if channelwise:
-            scales = [
-                torch.linalg.vector_norm(n, dim=projected_axis(p), keepdim=True)
-                .div_(torch.linalg.vector_norm(r, dim=projected_axis(p), keepdim=True).add_(_TINY))
-                for p, n, r in zip(params, normalized, projected)]
-            scaled_norms = torch.stack(torch._foreach_norm(torch._foreach_mul(scales, grad_norms)))
+        # Scaling factors s = ‖N‖ / ‖R‖ per channel (C,) or per weight (P,).
+        lengths = layout.channel_lengths if channelwise else layout.weight_lengths
+        scales = _segment_norms(normalized, lengths)
+        scales.div_(_segment_norms(projected, lengths).add_(_TINY))
+        if channelwise:  # ‖G·diag(s)‖ per weight (P,)
+            scaled_norms = _segment_norms(scales * grad_norms, layout.channels_per_weight)
         else:
-            scale_vector = torch.stack(torch._foreach_norm(normalized)).div_(
-                torch.stack(torch._foreach_norm(projected)).add_(_TINY))  # (P,)
-            scaled_norms = scale_vector * torch.stack(grad_norms)
+            scaled_norms = scales * grad_norms
 
         if group["norm_growth_limit"] is not None:
-            divisors = self._limit_norm_growth(scaled_norms, states, group["norm_growth_limit"])
-            if channelwise:
-                torch._foreach_div_(scales, list(divisors.unbind()))
-            else:
-                scale_vector.div_(divisors)
-        if not channelwise:
-            scales = scale_vector.unbind()
+            divisors = _limit_norm_growth(scaled_norms, layout.update_norm,
+                                          group["norm_growth_limit"])
+            scales.div_(divisors.repeat_interleave(layout.channels_per_weight,
+                                                   output_size=scales.numel())
+                        if channelwise else divisors)
 
-        for p, state, scale in zip(params, states, scales):
+        for i, (p, state) in enumerate(zip(params, states)):
+            if channelwise:  # (m, 1) scales rows, (1, n) scales columns
+                scale = scales[layout.channels(i)].unsqueeze(1 if projected_axis(p) == 1 else 0)
+            else:
+                scale = scales[i]
             # W ← W − lr · bias correction · α · G ⊙ s, in one pass over G and W.
             weights = self._decayed_fp32_weights(p, group)
             weights.addcmul_(p.grad, scale,
                              value=-self._step_size(state, group) * self._alpha(p, group))
             self._store(p, weights, state, group)
 
-    @staticmethod
-    def _limit_norm_growth(scaled_norms: torch.Tensor, states: list[dict[str, Any]],
-                           gamma: float) -> torch.Tensor:
-        """Divisors (P,) ≥ 1 that keep each ‖G·diag(s)‖ (`scaled_norms`, (P,)) within γ
-        times last step's, computed on the device.
-
-        State "update_norm" holds last step's limited norm; it starts at +inf, so the
-        first step is never limited.
-        """
-        previous = [s["update_norm"] for s in states]
-        divisors = scaled_norms / torch.stack(previous).add_(_TINY)
-        divisors.clamp_min_(gamma).div_(gamma)  # max(growth, γ) / γ
-        torch._foreach_copy_(previous, list((scaled_norms / divisors).unbind()))
-        return divisors
-
-    @staticmethod
-    def _projected_shape(p: torch.Tensor, group: dict[str, Any]) -> tuple[int, int]:
-        rank = effective_rank(p, group["rank"])
-        return (p.shape[0], rank) if projected_axis(p) == 1 else (rank, p.shape[1])
+    def _layout(self, group: dict[str, Any], params: list[torch.Tensor]) -> _FlatLayout:
+        """The batch's flat buffers; (re)built when the batch or the rank changed, or when
+        the state was replaced (e.g. by `load_state_dict`), from the state's values."""
+        layout = self._layouts.get(params[0])
+        if layout is None or not layout.holds(params, group, self.state):
+            for p in params:
+                self._init_state(p, group)
+            layout = _FlatLayout(params, group, [self.state[p] for p in params])
+            self._layouts[params[0]] = layout
+        return layout
 
     @staticmethod
     def _alpha(p: torch.Tensor, group: dict[str, Any]) -> float:
@@ -269,7 +261,10 @@ class Apollo(Optimizer):
     def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
         for p in params:
-            state = self._init_state(p, group, moment_shape=tuple(p.shape))
+            state = self._init_state(p, group)
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             state["step"] += 1
             grad = p.grad.float()
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -284,18 +279,14 @@ class Apollo(Optimizer):
 
     # --- shared -----------------------------------------------------------------------
 
-    def _init_state(self, p: torch.Tensor, group: dict[str, Any],
-                    moment_shape: tuple[int, ...]) -> dict[str, Any]:
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """A weight's step counter and seed (its moments are made by its update rule)."""
         state = self.state[p]
         if not state:
             index = next(i for i, q in enumerate(
                 chain.from_iterable(g["params"] for g in self.param_groups)) if q is p)
             state["step"] = 0
             state["seed"] = mix_seed(group["seed"], index)
-            state["exp_avg"] = torch.zeros(moment_shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(moment_shape, dtype=torch.float32, device=p.device)
-            if group["rank"] is not None:
-                state["update_norm"] = torch.full((), math.inf, device=p.device)
         return state
 
     @staticmethod
@@ -327,12 +318,91 @@ class Apollo(Optimizer):
             p.copy_(weights)
 
 
+def _segment_norms(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each run of `values` (F,), runs given by `lengths` (S,); squares `values`
+    in place. `unsafe`: the lengths are ours and checking them would read them on the host."""
+    return torch.segment_reduce(values.square_(), "sum", lengths=lengths, unsafe=True).sqrt_()
+
+
+def _limit_norm_growth(scaled_norms: torch.Tensor, update_norm: torch.Tensor,
+                       gamma: float) -> torch.Tensor:
+    """Divisors (P,) >= 1 that keep each weight's ‖G·diag(s)‖ (`scaled_norms`, (P,))
+    within γ times last step's, computed on the device.
+
+    `update_norm` (P,) holds last step's limited norms and is updated in place; it starts
+    at +inf, so the first step is never limited (as in the authors' code).
+    """
+    divisors = scaled_norms / (update_norm + _TINY)
+    divisors.clamp_min_(gamma).div_(gamma)  # max(growth, γ) / γ
+    torch.div(scaled_norms, divisors, out=update_norm)
+    return divisors
+
+
+class _FlatLayout:
+    """Flat fp32 buffers holding the APOLLO state of a batch of weights.
+
+    Projected tensors are stored channel-major, (channels, r): R (m, r) for m >= n and
+    Rᵀ (n, r) for m < n, so that each channel is one contiguous run of r values and each
+    weight one run of channels·r values. The weights' state entries ("exp_avg",
+    "exp_avg_sq": (channels, r); "update_norm": 0-dim) are views into these buffers, so a
+    saved state dict holds each buffer once.
+    """
+
+    def __init__(self, params: list[torch.Tensor], group: dict[str, Any],
+                 states: list[dict[str, Any]]) -> None:
+        device = params[0].device
+        self.params = list(params)
+        self.rank = group["rank"]
+        self.ranks = [effective_rank(p, group["rank"]) for p in params]
+        self.channel_counts = [p.shape[0] if projected_axis(p) == 1 else p.shape[1]
+                               for p in params]
+        sizes = [c * r for c, r in zip(self.channel_counts, self.ranks)]
+        self.value_offsets = [0, *accumulate(sizes)]
+        self.channel_offsets = [0, *accumulate(self.channel_counts)]
+        self.weight_lengths = torch.tensor(sizes, device=device)
+        self.channels_per_weight = torch.tensor(self.channel_counts, device=device)
+        self.channel_lengths = torch.tensor(self.ranks, device=device).repeat_interleave(
+            self.channels_per_weight, output_size=self.channel_offsets[-1])
+        self.exp_avg = torch.zeros(self.value_offsets[-1], device=device)
+        self.exp_avg_sq = torch.zeros(self.value_offsets[-1], device=device)
+        self.update_norm = torch.full((len(params),), math.inf, device=device)
+        self.exp_avg_views = []
+        for i, state in enumerate(states):
+            for key, buffer in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                view = self.view(buffer, i)
+                if key in state:
+                    view.copy_(state[key].reshape(view.shape))
+                state[key] = view
+            self.exp_avg_views.append(state["exp_avg"])
+            if "update_norm" in state:
+                self.update_norm[i].copy_(state["update_norm"])
+            state["update_norm"] = self.update_norm[i]
+
+    def view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
+        """Weight i's (channels, r) part of a flat (F,) buffer."""
+        start, end = self.value_offsets[i], self.value_offsets[i + 1]
+        return buffer[start:end].view(self.channel_counts[i], self.ranks[i])
+
+    def channels(self, i: int) -> slice:
+        """Weight i's part of a per-channel (C,) vector."""
+        return slice(self.channel_offsets[i], self.channel_offsets[i + 1])
+
+    def holds(self, params: list[torch.Tensor], group: dict[str, Any],
+              states: dict[torch.Tensor, dict[str, Any]]) -> bool:
+        """Whether this layout still backs exactly these weights' state."""
+        return (self.rank == group["rank"] and len(params) == len(self.params)
+                and all(p is q for p, q in zip(params, self.params))
+                and all(states[p].get("exp_avg") is view
+                        for p, view in zip(params, self.exp_avg_views)))
+
+
 def _batches(params: list[torch.Tensor], max_bytes: int) -> Iterable[list[torch.Tensor]]:
-    """Consecutive runs of `params` whose gradients hold at most `max_bytes` (at least one each)."""
+    """Consecutive runs of `params` on one device whose gradients hold at most `max_bytes`
+    (at least one weight each)."""
     batch, size = [], 0
     for p in params:
         nbytes = p.grad.numel() * p.grad.element_size()
-        if batch and size + nbytes > max_bytes:
+        if batch and (size + nbytes > max_bytes or p.device != batch[0].device):
             yield batch
             batch, size = [], 0
         batch.append(p)
