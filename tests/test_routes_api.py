@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi import FastAPI
@@ -182,3 +183,18 @@ def test_python_client_posts_a_jsonl_file_with_the_served_models_tokenizer(serve
     summary = client.train_jsonl(data, batch_size=2, dry_run=True, progress=False)
     assert (summary.steps, summary.examples, summary.refusals) == (2, 4, {"dry run": 2})
     assert summary.tokens > 0 and summary.first_loss > 0
+
+
+def test_a_step_applied_after_its_504_is_still_served(served):
+    """The caller gave up while the step ran; when it lands, the hook still publishes it."""
+    http, _, calls, _ = served
+    batch = [wire(example(100 + i, context_len=256, continuation_len=64)) for i in range(16)]
+    n_calls = len(calls)
+    response = post(http, "/train", {"examples": batch, "timeout_s": 0.2})
+    assert response.status_code == 504
+    deadline = time.monotonic() + 120
+    while len(calls) == n_calls:
+        assert time.monotonic() < deadline, "the late step was never published"
+        http.get("/train/status", headers=AUTH)  # lets the app's event loop run
+        time.sleep(0.2)
+    assert calls[-1][1] == http.get("/train/status", headers=AUTH).json()["weights_version"]

@@ -12,6 +12,7 @@ Routes (all need ``Authorization: Bearer TOKEN`` when a token is set):
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import logging
@@ -38,6 +39,8 @@ WeightsChangedHook = Callable[[list[str], int], Awaitable[None]]
 
 
 class Worker(Protocol):
+    on_late_reply: Callable[[dict[str, Any]], None] | None
+
     async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout_s: float = 30.0,
                    request_id: str | None = None) -> dict[str, Any]: ...
 
@@ -60,6 +63,13 @@ class TrainingRoutes:
     def install(self, state: Any) -> None:
         """Make these the routes' dependencies (``state``: the FastAPI app's ``state``)."""
         setattr(state, STATE_ATTRIBUTE, self)
+        self.worker.on_late_reply = self._late_reply
+
+    def _late_reply(self, result: dict[str, Any]) -> None:
+        """A step (or rollback) that finished after its caller got a 504 is served too."""
+        if result.get("changed_tensors"):
+            task = asyncio.get_running_loop().create_task(_publish(self, result, result.get("request_id") or "late"))
+            task.add_done_callback(_log_failure)
 
 
 router = APIRouter(tags=["livetrain"])
@@ -135,6 +145,11 @@ async def _publish(routes: TrainingRoutes, result: dict[str, Any], request_id: s
                  f"model could not be refreshed ({type(exc).__name__}: {exc}); it may serve the "
                  "previous weights until the next successful refresh",
             protocol.INTERNAL, code="refresh_failed", headers={"X-Request-Id": request_id}))
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("publishing a late step failed: %s", task.exception())
 
 
 def _handled(endpoint: Callable[..., Awaitable[dict[str, Any]]]) -> Callable[[Request], Awaitable[JSONResponse]]:

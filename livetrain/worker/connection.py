@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
@@ -26,10 +26,15 @@ def _timeout_error(op: str, request_id: str, timeout_s: float) -> WorkerError:
 
 
 class WorkerConnection:
-    """An asyncio client of one training worker; create and use it on one event loop."""
+    """An asyncio client of one training worker; create and use it on one event loop.
+
+    ``on_late_reply``: called (on the event loop) with the result of a request whose
+    caller had already timed out, e.g. a step that was applied after its 504.
+    """
 
     def __init__(self, address: str) -> None:
         self.address = address
+        self.on_late_reply: Callable[[dict[str, Any]], None] | None = None
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -64,10 +69,12 @@ class WorkerConnection:
         while True:
             reply = protocol.decode(await self._socket.recv())
             future = self._pending.get(reply.get("id"))
-            if future is None or future.done():
-                log.info("dropping a late reply for request %s", reply.get("id"))
-            else:
+            if future is not None and not future.done():
                 future.set_result(reply)
+            elif reply.get("ok") and self.on_late_reply is not None:
+                self.on_late_reply(reply["result"])
+            else:
+                log.info("dropping a late reply for request %s", reply.get("id"))
 
     def close(self) -> None:
         if self._receiver is not None:
