@@ -87,17 +87,21 @@ def test_tied_lm_head_kernel_follows_a_refreshed_embedding(vllm):
 
 
 @pytest.mark.parametrize("consistent", [False, True])
-def test_refresh_during_a_request_keeps_the_request(vllm, consistent):
+def test_refreshes_during_a_request_keep_the_request(vllm, consistent):
     import asyncio
 
     async def refresh_while_generating():
-        request = asyncio.ensure_future(vllm.complete("Once upon a time", 48, ignore_eos=True))
-        await asyncio.sleep(0.5)
-        result = await vllm.served.refresh(["model.layers.1.self_attn.q_proj.weight"], consistent=consistent)
+        request = asyncio.ensure_future(vllm.complete("Once upon a time", 200, ignore_eos=True))
+        results = []
+        while not request.done():  # forward passes keep running between the weight-update calls
+            results.append(await vllm.served.refresh(["model.layers.1.self_attn.q_proj.weight"],
+                                                     consistent=consistent))
+            await asyncio.sleep(0.01)
         tokens, _ = await request
-        return result, tokens
+        return results, tokens
 
-    result, tokens = vllm.run(refresh_while_generating())
-    assert result.params == ["model.layers.1.self_attn.qkv_proj.weight"]
-    assert len(tokens) == 48  # neither aborted nor cut short
-    assert result.prefix_cache_reset in ("reset", "reset_preempting_running")
+    results, tokens = vllm.run(refresh_while_generating())
+    assert len(results) > 3
+    assert all(r.params == ["model.layers.1.self_attn.qkv_proj.weight"] for r in results)
+    assert len(tokens) == 200  # neither aborted nor cut short
+    assert {r.prefix_cache_reset for r in results} <= {"reset", "reset_preempting_running"}

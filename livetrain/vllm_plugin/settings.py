@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from livetrain.worker.session import DEFAULT_TRAIN_MODULES
+
 CPU_MODES = ("reload", "zero-copy")
 BACKEND = "livetrain_shm"  # the weight-transfer backend's name (--weight-transfer-config)
-DEFAULT_TRAIN_MODULES = r"\.q_proj\.weight$"
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,8 @@ class PluginSettings:
     """``shm_dir``: where the CPU shared copy lives (``/dev/shm/livetrain-*``).
     ``cpu_mode``: ``reload`` (refresh vLLM's packed kernels after each step) or
     ``zero-copy`` (serve the trained layers straight from the shared copy).
-    ``train_modules``: regex on Hugging Face tensor names; what zero-copy mode serves from the copy.
+    ``train_modules``: the training worker's pattern (searched in Hugging Face tensor names);
+    what zero-copy mode serves from the copy.
     ``admin_token_file``: set when the routes require a token (then any host may be served).
     ``worker_address``: the training worker's ZMQ address (``ipc://...``).
     ``consistent_updates``: pause generation (keeping requests) around each reload.

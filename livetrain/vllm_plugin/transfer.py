@@ -43,7 +43,6 @@ class SharedCopyTransferEngine(WeightTransferEngine[SharedCopyInitInfo, SharedCo
         super().__init__(*args, **kwargs)
         self.layout: Layout | None = None
         self.tensors: dict[str, torch.Tensor] = {}
-        self.updated: list[str] = []
 
     def init_transfer_engine(self, init_info: SharedCopyInitInfo) -> None:
         self.layout, self.tensors = open_shared_copy(init_info.directory)
@@ -51,8 +50,6 @@ class SharedCopyTransferEngine(WeightTransferEngine[SharedCopyInitInfo, SharedCo
     def start_weight_update(self) -> None:
         if self.layout is None:
             raise RuntimeError("livetrain weight transfer is not initialised: call init_weight_transfer_engine")
-        self.updated = []
-        initialize_layerwise_reload(self.model)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class ends with torch.accelerator.synchronize(), which raises on CPU torch.
@@ -61,15 +58,23 @@ class SharedCopyTransferEngine(WeightTransferEngine[SharedCopyInitInfo, SharedCo
             torch.cuda.synchronize(self.device)
 
     def receive_weights(self, update_info: SharedCopyUpdateInfo) -> None:
+        """Reload the named parameters, whole, in ONE call.
+
+        vLLM's layerwise reload puts every layer on the meta device until it is finalised,
+        and the engine keeps scheduling forward passes between separate RPCs: spreading
+        initialise / load / finalise over start / update / finish would let a request run
+        on meta tensors. Within one RPC no forward pass can interleave.
+        """
         unknown = [name for name in update_info.params if name not in self.layout.params]
         if unknown:
             raise ValueError(f"not vLLM parameters of this model: {unknown[:3]}")
+        initialize_layerwise_reload(self.model)
         self.model.load_weights(self._checkpoint_tensors(update_info.params))
-        self.updated.extend(update_info.params)
+        finalize_layerwise_reload(self.model, self.model_config)
+        self._reprocess_tied_modules(update_info.params)
 
     def finish_weight_update(self) -> None:
-        finalize_layerwise_reload(self.model, self.model_config)
-        self._reprocess_tied_modules()
+        """Nothing left to do: each `update_weights` call is applied whole."""
 
     def shutdown(self) -> None:
         self.layout, self.tensors = None, {}
@@ -81,14 +86,14 @@ class SharedCopyTransferEngine(WeightTransferEngine[SharedCopyInitInfo, SharedCo
             for s in self.layout.params[name].slices:
                 yield s.hf_name, tensor[s.rows[0]:s.rows[1]]
 
-    def _reprocess_tied_modules(self) -> None:
+    def _reprocess_tied_modules(self, params: list[str]) -> None:
         """Repack the kernels of modules that share a reloaded parameter (a tied ``lm_head``).
 
         vLLM's layerwise reload processes a tied parameter only in the module that loads it;
         on CPU the tied ``lm_head`` keeps its own packed copy, which would go stale.
         """
-        reloaded = {id(self.model.get_parameter(name)) for name in self.updated}
-        owners = {name.rpartition(".")[0] for name in self.updated}
+        reloaded = {id(self.model.get_parameter(name)) for name in params}
+        owners = {name.rpartition(".")[0] for name in params}
         for module_name, module in self.model.named_modules():
             if module_name in owners or getattr(module, "quant_method", None) is None:
                 continue
