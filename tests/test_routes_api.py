@@ -198,3 +198,8 @@ def test_a_step_applied_after_its_504_is_still_served(served):
         http.get("/train/status", headers=AUTH)  # lets the app's event loop run
         time.sleep(0.2)
     assert calls[-1][1] == http.get("/train/status", headers=AUTH).json()["weights_version"]
+
+
+def test_an_empty_admin_token_is_refused():
+    with pytest.raises(ValueError, match="admin token is empty"):
+        TrainingRoutes(worker=None, admin_token=" \n")

@@ -60,6 +60,10 @@ class TrainingRoutes:
     in_flight: int = 0
     last_step_seconds: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ValueError("the admin token is empty; give a non-empty token, or none")
+
     def install(self, state: Any) -> None:
         """Make these the routes' dependencies (``state``: the FastAPI app's ``state``)."""
         setattr(state, STATE_ATTRIBUTE, self)
