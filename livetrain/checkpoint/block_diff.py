@@ -6,10 +6,15 @@ the header: a changed block's new content is the old block with every changed te
 bytes laid over it. Live tensors are read in pieces of at most `CHUNK_BYTES` (cast to the
 file's dtype piece by piece when the dtypes differ), so memory stays bounded by one piece
 plus the changed blocks.
+
+Comparing is memory-bound: each 1 MiB stretch of whole blocks is first tested with libc's
+`memcmp` (vectorised, stops at the first difference, no temporaries), and only a stretch
+that differs is compared block by block, as [256, 512] machine words.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +27,11 @@ from livetrain.checkpoint.safetensors_layout import ModelLayout, TensorLocation
 
 BLOCK_SIZE = 4096
 CHUNK_BYTES = 8 * 2**20
+STRETCH_BLOCKS = 256  # blocks per memcmp: 1 MiB, so a differing stretch's temporaries stay small
+
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_memcmp.restype = ctypes.c_int
 
 
 @dataclass(frozen=True)
@@ -142,14 +152,15 @@ class ChangedBlocks:
 
     `old` is the file's current bytes (a read-only mmap as uint8). A block enters the map
     only when some of its bytes differ; it holds the whole new block (the old bytes with
-    every change laid over them). The last block of a file may be shorter than 4 KiB.
+    every change laid over them) as a writable uint8 buffer of shape [4096]. The last
+    block of a file may be shorter.
     """
 
     def __init__(self, file: str, old: np.ndarray):
         self.file = file
         self.old = old  # shape [file size], uint8
         self.size = old.shape[0]
-        self.blocks: dict[int, bytearray] = {}
+        self.blocks: dict[int, np.ndarray | bytearray] = {}
 
     def block_range(self, index: int) -> tuple[int, int]:
         start = index * BLOCK_SIZE
@@ -160,41 +171,51 @@ class ChangedBlocks:
         return sum(len(b) for b in self.blocks.values())
 
     def compare(self, offset: int, new: np.ndarray) -> bool:
-        """Compare file bytes ``[offset, offset + len(new))`` with `new`; keep changed blocks.
-
-        Returns whether any byte differed. Whole blocks are compared as [k, 512] uint64.
-        """
+        """Compare file bytes ``[offset, offset + len(new))`` with `new` (uint8); keep the
+        changed blocks. Returns whether any byte differed."""
         end = offset + new.shape[0]
         head_end = min(end, -(-offset // BLOCK_SIZE) * BLOCK_SIZE)
         body_end = max(head_end, end // BLOCK_SIZE * BLOCK_SIZE)
         changed = False
         if head_end > offset:
             changed |= self._compare_within_block(offset, new[:head_end - offset])
-        if body_end > head_end:
-            body = new[head_end - offset:body_end - offset]
-            k = (body_end - head_end) // BLOCK_SIZE
-            old = self.old[head_end:body_end]
-            word = _widest_aligned_word(body, old)
-            per_block = BLOCK_SIZE // word.itemsize
-            differs = (body.view(word).reshape(k, per_block) != old.view(word).reshape(k, per_block)).any(axis=1)
-            first = head_end // BLOCK_SIZE
-            for r in np.flatnonzero(differs).tolist():
-                self.blocks[first + r] = bytearray(body[r * BLOCK_SIZE:(r + 1) * BLOCK_SIZE])
-                changed = True
+        stretch = STRETCH_BLOCKS * BLOCK_SIZE
+        for start in range(head_end, body_end, stretch):
+            stop = min(start + stretch, body_end)
+            changed |= self._compare_whole_blocks(start, new[start - offset:stop - offset])
         if end > body_end:
             changed |= self._compare_within_block(body_end, new[body_end - offset:])
         return changed
 
+    def _compare_whole_blocks(self, start: int, new: np.ndarray) -> bool:
+        """`new`: uint8 [k * 4096], the new content of blocks starting at file offset
+        `start` (a block boundary)."""
+        old = self.old[start:start + new.shape[0]]
+        if _same_bytes(new, old):
+            return False
+        k = new.shape[0] // BLOCK_SIZE
+        word = _widest_aligned_word(new, old)
+        differs = (new.view(word).reshape(k, -1) != old.view(word).reshape(k, -1)).any(axis=1)  # [k]
+        rows = np.flatnonzero(differs)
+        blocks = new.reshape(k, BLOCK_SIZE)[rows]  # [m, 4096], a copy: the live tensor may change later
+        self.blocks.update(zip((start // BLOCK_SIZE + rows).tolist(), blocks))
+        return True
+
     def _compare_within_block(self, offset: int, new: np.ndarray) -> bool:
-        if np.array_equal(self.old[offset:offset + new.shape[0]], new):
+        if _same_bytes(new, self.old[offset:offset + new.shape[0]]):
             return False
         index, at = divmod(offset, BLOCK_SIZE)
         block = self.blocks.get(index)
         if block is None:
             start, stop = self.block_range(index)
-            block = self.blocks[index] = bytearray(self.old[start:stop])
+            block = self.blocks[index] = self.old[start:stop].copy()
         np.frombuffer(block, dtype=np.uint8)[at:at + new.shape[0]] = new
         return True
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether uint8 arrays `a` and `b` (one length, contiguous) hold the same bytes."""
+    return _memcmp(a.ctypes.data, b.ctypes.data, a.shape[0]) == 0
 
 
 def _widest_aligned_word(a: np.ndarray, b: np.ndarray) -> np.dtype:

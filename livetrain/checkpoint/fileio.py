@@ -96,6 +96,16 @@ def map_readonly(fd: int, size: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ), dtype=np.uint8)
 
 
+def map_path(path: str | os.PathLike) -> np.ndarray:
+    """The bytes of the file at `path`, mapped read-only (see `map_readonly`)."""
+    with translated(path, "reading"):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return map_readonly(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+
 def write_all(fd: int, data: bytes | memoryview, path: str | os.PathLike, kind: str, stats: WriteStats) -> None:
     """Append `data` at the fd's position, all of it."""
     view = memoryview(data).cast("B")
@@ -138,10 +148,12 @@ def _skip(buffers: Sequence[bytes | bytearray | memoryview], n: int) -> Sequence
     return out
 
 
-def fsync(fd: int, path: str | os.PathLike) -> None:
+def fsync(fd: int, path: str | os.PathLike, data_only: bool = False) -> None:
+    """Make the file's writes durable; `data_only` (fdatasync) skips metadata that
+    reading the data back does not need (times), for writes that keep the size."""
     with translated(path, "flushing"):
         _fault("fsync", path, fd=fd)
-        os.fsync(fd)
+        (os.fdatasync if data_only else os.fsync)(fd)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

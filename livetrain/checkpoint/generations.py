@@ -29,6 +29,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +110,8 @@ class ModelDirectory:
         self.read_only = read_only
         self._lock_fd = lock_fd
         self._mutex = threading.Lock()
+        # file -> ((st_dev, st_ino, size), uint8 [size] read-only shared map), kept between syncs
+        self._maps: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
 
     # ------------------------------------------------------------------ opening
 
@@ -147,7 +150,8 @@ class ModelDirectory:
         return directory
 
     def close(self) -> None:
-        """Release the directory's lock."""
+        """Release the directory's lock and its file maps."""
+        self._maps.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -239,8 +243,7 @@ class ModelDirectory:
             touched: set[str] = set()
             for file, file_placements in by_file.items():
                 fds[file] = fd = fileio.open_fd(self.path / file, os.O_RDWR)  # fails early if not writable
-                old = fileio.map_readonly(fd, layout.files[file].size)
-                change = ChangedBlocks(file, old)
+                change = ChangedBlocks(file, self._mapped(file, fd))
                 touched |= diff_placements(change, file_placements)
                 if change.blocks:
                     changes[file] = change
@@ -248,10 +251,9 @@ class ModelDirectory:
                 return SyncResult(self.latest, 0, 0, [], time.perf_counter() - t0)
             g = self.latest + 1
             modes = {file: self._choose_mode(change) for file, change in changes.items()}
-            self._write_generation(g, changes, modes, fds, stats)
+            tensors = self._write_generation(g, changes, modes, fds, stats, layout, touched)
             blocks = sum(len(c.blocks) for c in changes.values())
             try:
-                tensors = self._tensor_checksums(layout, sorted(touched))
                 files = {f: {"mode": modes[f], "blocks_changed": len(c.blocks),
                              "bytes_written": stats.by_file.get(f, 0)} for f, c in changes.items()}
                 undo_bytes = journal.UndoRecord.read(self.checkpoint_dir / _name(g, ".undo")).nbytes
@@ -267,6 +269,18 @@ class ModelDirectory:
             for fd in fds.values():
                 os.close(fd)
 
+    def _mapped(self, file: str, fd: int) -> np.ndarray:
+        """The file's bytes, mapped read-only and shared (uint8 [size]). The map is kept
+        between syncs while the file is the same inode and size: mapping a file costs
+        about as much as comparing it, and a shared map sees every in-place write. A file
+        replaced by rename gets a new map."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, st.st_size)
+        kept = self._maps.get(file)
+        if kept is None or kept[0] != key:
+            kept = self._maps[file] = (key, fileio.map_readonly(fd, st.st_size))
+        return kept[1]
+
     def _choose_mode(self, change: ChangedBlocks) -> str:
         """"blocks" (write changed blocks in place, undo data in the journal) or "whole"
         (rewrite the file, keep the old one by hard link: no undo bytes written), by which
@@ -278,9 +292,12 @@ class ModelDirectory:
         return "whole" if change.size < changed + journal.estimate_undo_bytes(change) else "blocks"
 
     def _write_generation(self, g: int, changes: dict[str, ChangedBlocks], modes: dict[str, str],
-                          fds: dict[str, int], stats: fileio.WriteStats) -> None:
+                          fds: dict[str, int], stats: fileio.WriteStats, layout: ModelLayout,
+                          touched: set[str]) -> dict[str, str]:
         """Undo record first (durable), then the file changes (durable); on a failure the
-        changes made so far are undone before the error goes on."""
+        changes made so far are undone before the error goes on. Returns the SHA-256 of
+        each touched tensor as now in the files: the in-place files' tensors are hashed
+        while those files are being flushed to disk."""
         in_place = [c for f, c in changes.items() if modes[f] == "blocks"]
         whole = [c for f, c in changes.items() if modes[f] == "whole"]
         staging = self.checkpoint_dir / _name(g, ".new")
@@ -292,9 +309,15 @@ class ModelDirectory:
         except BaseException:
             self._remove(staging)
             raise
+        in_place_files = {c.file for c in in_place}
         try:
             for change in in_place:
                 self._write_blocks(change, fds[change.file], stats)
+            with ThreadPoolExecutor(1) as pool:
+                flushed = pool.submit(self._flush, in_place, fds)
+                sums = _tensor_checksums(layout, [n for n in touched if layout.tensors[n].file in in_place_files],
+                                         {c.file: c.old for c in in_place})
+                flushed.result()
             if whole:
                 old_dir = record_path.with_suffix(".old")
                 with fileio.translated(old_dir, "creating"):
@@ -305,9 +328,13 @@ class ModelDirectory:
                     fileio.replace(staging / change.file, self.path / change.file)
                 fileio.fsync_dir(old_dir)
                 fileio.fsync_dir(self.path)
+                sums.update(_tensor_checksums(
+                    layout, [n for n in touched if layout.tensors[n].file not in in_place_files],
+                    {c.file: fileio.map_path(self.path / c.file) for c in whole}))
         except BaseException:
             self._abort(g)
             raise
+        return sums
 
     def _abort(self, g: int) -> None:
         """Take back a sync that failed before or while committing (best effort: what is
@@ -320,7 +347,7 @@ class ModelDirectory:
             pass
 
     def _write_blocks(self, change: ChangedBlocks, fd: int, stats: fileio.WriteStats) -> None:
-        """pwrite each run of consecutive changed blocks, then fsync."""
+        """pwrite each run of consecutive changed blocks (not yet durable: see `_flush`)."""
         path = self.path / change.file
         indices = sorted(change.blocks)
         run_start = 0
@@ -330,7 +357,12 @@ class ModelDirectory:
                 fileio.pwritev_all(fd, [change.blocks[i] for i in run], change.block_range(run[0])[0],
                                    path, "model", stats)
                 run_start = k
-        fileio.fsync(fd, path)
+
+    def _flush(self, in_place: list[ChangedBlocks], fds: dict[str, int]) -> None:
+        """Make the block writes durable. In-place writes leave the size unchanged, so
+        fdatasync (no metadata) suffices."""
+        for change in in_place:
+            fileio.fsync(fds[change.file], self.path / change.file, data_only=True)
 
     def _write_whole_file(self, change: ChangedBlocks, out: Path, stats: fileio.WriteStats) -> None:
         """The new version of a file, in `out`: old bytes with the changed blocks, fsync'd."""
@@ -343,28 +375,15 @@ class ModelDirectory:
             k = 0
             for start in range(0, change.size, CHUNK_BYTES):
                 stop = min(start + CHUNK_BYTES, change.size)
-                buf = bytearray(change.old[start:stop])
+                buf = change.old[start:stop].copy()
                 while k < len(indices) and change.block_range(indices[k])[0] < stop:
                     b0, b1 = change.block_range(indices[k])
-                    buf[b0 - start:b1 - start] = change.blocks[indices[k]]
+                    buf[b0 - start:b1 - start] = np.frombuffer(change.blocks[indices[k]], dtype=np.uint8)
                     k += 1
                 fileio.write_all(fd, buf, out, "model", stats)
             fileio.fsync(fd, out)
         finally:
             os.close(fd)
-
-    def _tensor_checksums(self, layout: ModelLayout, names: list[str]) -> dict[str, str]:
-        """SHA-256 of each named tensor's bytes as the files now hold them."""
-        out = {}
-        by_file = defaultdict(list)
-        for name in names:
-            by_file[layout.tensors[name].file].append(layout.tensors[name])
-        for file, locations in by_file.items():
-            with open(self.path / file, "rb") as f:
-                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            for loc in locations:
-                out[loc.name] = hashlib.sha256(memoryview(data)[loc.start:loc.end]).hexdigest()
-        return out
 
     def _commit(self, g: int, stats: fileio.WriteStats, blocks: int, files: dict, tensors: dict[str, str],
                 undo_bytes: int, t0: float) -> None:
@@ -408,14 +427,18 @@ class ModelDirectory:
         An undo record goes before its commit record: a crash in between must never leave
         an undo record without a commit (that would read as an interrupted sync)."""
         latest = self.latest
+        removed = False
         for g in self._numbers(".undo"):
             if g <= latest - self.keep_generations:
                 self._remove(self.checkpoint_dir / _name(g, ".undo"))
                 self._remove(self.checkpoint_dir / _name(g, ".old"))
+                removed = True
         for g in self._numbers(".json"):
             if g < latest - self.keep_generations:
                 self._remove(self.checkpoint_dir / _name(g, ".json"))
-        fileio.fsync_dir(self.checkpoint_dir)
+                removed = True
+        if removed:
+            fileio.fsync_dir(self.checkpoint_dir)
 
     def rollback(self, to: int) -> dict[str, torch.Tensor]:
         """Restore the files to generation `to`, bit for bit, and drop the later generations.
@@ -511,6 +534,12 @@ class ModelDirectory:
             "keep_generations": self.keep_generations,
             "interrupted": self.pending(),
         }
+
+
+def _tensor_checksums(layout: ModelLayout, names: list[str], maps: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """SHA-256 of each named tensor's bytes; `maps`: file -> its bytes (uint8 [size])."""
+    return {name: hashlib.sha256(maps[loc.file][loc.start:loc.end]).hexdigest()
+            for name in names for loc in [layout.tensors[name]]}
 
 
 def read_tensors(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
