@@ -105,6 +105,25 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import warnings
+
+    from livetrain.serve import ADMIN_TOKEN_ENV as TOKEN_ENV, ServeOptions, serve
+
+    if args.admin_token:
+        warnings.warn("an admin token on the command line is visible in process lists; prefer "
+                      f"--admin-token-file or ${TOKEN_ENV}", stacklevel=1)
+        os.environ[TOKEN_ENV] = args.admin_token
+    options = ServeOptions(
+        model_dir=args.model, host=args.host, port=args.port, admin_token_file=args.admin_token_file,
+        sync_interval_s=args.sync_interval, optimizer=args.optimizer, lr=args.lr,
+        cpu_mode=args.cpu_mode, consistent_updates=args.consistent_updates,
+        kv_cache_gib=args.kv_cache_gib, trainer_threads=args.trainer_threads,
+        max_probe_drift=args.max_probe_drift, vllm_args=args.vllm_args,
+        **({"train_modules": args.train_modules} if args.train_modules else {}))
+    return serve(options)
+
+
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-token-file", type=Path,
                         help=f"file holding the server's admin token (default: ${ADMIN_TOKEN_ENV})")
@@ -176,6 +195,48 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--dry-run", action="store_true", help="compute the step, apply nothing")
     add_server_arguments(teach)
     teach.set_defaults(func=cmd_teach)
+
+    serve = commands.add_parser(
+        "serve", help="serve a model with vLLM and train it in place through /train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Start vLLM on DIR with livetrain's plugin, and the training worker that "
+                    "updates the served weights in place. One port: vLLM's OpenAI API under /v1 "
+                    "and livetrain's /train, /train/logprobs, /train/status, /checkpoint, "
+                    "/rollback. Ctrl-C stops everything (the checkpoint is synced first).",
+        epilog="Anything after `--` goes to vLLM unchanged, for example:\n"
+               "  livetrain serve --model DIR -- --enforce-eager --max-model-len 2048")
+    serve.add_argument("--model", type=Path, required=True, help="model directory (it is the checkpoint)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1; any other needs an admin token)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--admin-token-file", type=Path,
+                       help=f"file holding the admin token the training routes require "
+                            f"(or set ${ADMIN_TOKEN_ENV})")
+    serve.add_argument("--admin-token", help=argparse.SUPPRESS)
+    serve.add_argument("--sync-interval", type=float, default=600.0, metavar="SECONDS",
+                       help="write changed weights back this long after the last step (default: 600)")
+    serve.add_argument("--optimizer", choices=("apollo-mini", "apollo", "adamw"), default="apollo-mini",
+                       help="default: apollo-mini")
+    serve.add_argument("--train-modules", metavar="REGEX",
+                       help="which weights are trained, a regex on Hugging Face parameter names "
+                            "(default: the attention projections q, k, v, o)")
+    serve.add_argument("--lr", type=float, help="default learning rate of /train requests")
+    serve.add_argument("--cpu-mode", choices=("reload", "zero-copy"), default="reload",
+                       help="CPU only: refresh vLLM's packed kernels after each step (reload, the "
+                            "default: fastest serving) or serve trained layers from the shared copy "
+                            "(zero-copy)")
+    serve.add_argument("--consistent-updates", action="store_true",
+                       help="pause generation (keeping requests) while weights are updated, instead "
+                            "of letting in-flight requests continue on the new weights")
+    serve.add_argument("--kv-cache-gib", type=float, default=1.0,
+                       help="vLLM's CPU KV cache in GiB (default: 1; vLLM's own default is 0.9 x RAM)")
+    serve.add_argument("--trainer-threads", type=int, default=1,
+                       help="torch threads of the training worker (default: 1; vLLM uses every core)")
+    serve.add_argument("--max-probe-drift", type=float, default=0.5, metavar="NATS",
+                       help="undo a step that moves a fixed probe text's mean log-prob by more than "
+                            "this (default: 0.5; 0 turns the check off)")
+    serve.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARGS", help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)
 
     checkpoint = commands.add_parser(
         "checkpoint", help="inspect, verify and roll back a model directory's generations",

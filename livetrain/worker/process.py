@@ -203,13 +203,15 @@ class WorkerProcess:
               train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
               sync_interval_s: float = 600.0, threads: int | None = None, max_probe_drift: float = 0.5,
               shared_copy: str | os.PathLike | None = None, runtime_dir: str | os.PathLike | None = None,
-              env: dict[str, str] | None = None, ready_timeout_s: float = 300.0) -> "WorkerProcess":
+              env: dict[str, str] | None = None, ready_timeout_s: float = 300.0,
+              log_path: str | os.PathLike | None = None) -> "WorkerProcess":
         """Start ``python -m livetrain.worker`` and wait until it answers ``status``.
 
         ``runtime_dir``: a directory from :func:`new_runtime_dir` when the address must be
         known beforehand (vLLM's plugin is told it before the worker starts); it is
         removed by :meth:`stop`. ``shared_copy``: train the served weights (see
-        ``--shared-copy``).
+        ``--shared-copy``). ``log_path``: append the worker's output there instead of
+        inheriting this process's.
         """
         runtime_dir = Path(runtime_dir) if runtime_dir is not None else new_runtime_dir()
         command = [sys.executable, "-m", "livetrain.worker", "--model-dir", str(model_dir),
@@ -222,7 +224,13 @@ class WorkerProcess:
             command += ["--threads", str(threads)]
         if shared_copy is not None:
             command += ["--shared-copy", str(shared_copy)]
-        worker = cls(subprocess.Popen(command, env=env), runtime_dir)
+        if log_path is None:
+            popen = subprocess.Popen(command, env=env)
+        else:
+            with open(log_path, "ab") as log_file:
+                popen = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        worker = cls(popen, runtime_dir)
         try:
             worker.wait_ready(ready_timeout_s)
         except BaseException:

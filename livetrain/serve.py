@@ -1,0 +1,179 @@
+"""`livetrain serve`: vLLM with livetrain's plugin, and the training worker, supervised.
+
+Start-up order: vLLM first (its worker extension makes the shared copy of the served
+weights), then the training worker, which maps that copy and owns the directory. On
+stop the worker syncs the checkpoint before the shared copy is removed, so nothing
+applied is lost. CPU resources are set explicitly: vLLM's KV cache (its default is
+0.9 x RAM) and the trainer's threads (vLLM's OpenMP threads take every core; the trainer
+one thread by default, since it runs only while `/train` has work).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from livetrain.vllm_plugin.launcher import VllmLaunch, check_supported, start_vllm, stop_vllm, wait_until_ready
+from livetrain.vllm_plugin.plugins import check_access_rule
+from livetrain.vllm_plugin.settings import PluginSettings
+from livetrain.weights import remove_shared_copy
+from livetrain.worker.lock import STATE_DIRNAME, DirectoryLock
+from livetrain.worker.process import WorkerProcess, new_runtime_dir, worker_address
+from livetrain.worker.session import DEFAULT_TRAIN_MODULES
+
+ADMIN_TOKEN_ENV = "LIVETRAIN_ADMIN_TOKEN"
+
+
+@dataclass
+class ServeOptions:
+    """Everything `livetrain serve` takes. `vllm_args` are passed to vLLM unchanged."""
+
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token_file: Path | None = None
+    sync_interval_s: float = 600.0
+    optimizer: str = "apollo-mini"
+    train_modules: str = DEFAULT_TRAIN_MODULES
+    lr: float | None = None
+    cpu_mode: str = "reload"
+    consistent_updates: bool = False
+    kv_cache_gib: float = 1.0
+    trainer_threads: int = 1
+    max_probe_drift: float = 0.5
+    vllm_args: Sequence[str] = field(default_factory=tuple)
+
+
+class LiveServer:
+    """vLLM + the training worker on one model directory. Use as a context manager."""
+
+    def __init__(self, options: ServeOptions, say: Callable[[str], None] = print) -> None:
+        self.options = options
+        self.say = say
+        self.model_dir = Path(options.model_dir).resolve()
+        self.log_dir = self.model_dir / STATE_DIRNAME / "logs"
+        self.runtime_dir: Path | None = None
+        self.shm_dir = Path(f"/dev/shm/livetrain-{os.getpid()}-{self.model_dir.name}")
+        self.launch: VllmLaunch | None = None
+        self.vllm: subprocess.Popen | None = None
+        self.worker: WorkerProcess | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.port}"
+
+    def start(self) -> float:
+        """Start both sides; returns the seconds until both were ready."""
+        started = time.monotonic()
+        options = self.options
+        if not (self.model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self.model_dir} is not a model directory (no config.json)")
+        check_supported(options.vllm_args)
+        self.runtime_dir = new_runtime_dir()
+        settings = PluginSettings(shm_dir=self.shm_dir, cpu_mode=options.cpu_mode,
+                                  train_modules=options.train_modules,
+                                  admin_token_file=self._token_file(),
+                                  worker_address=worker_address(self.runtime_dir),
+                                  consistent_updates=options.consistent_updates)
+        check_access_rule(options.host, settings)
+        # Fail now, not after vLLM's start-up, if another process owns the directory.
+        DirectoryLock(self.model_dir, "livetrain serve (start-up check)").release()
+
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.launch = VllmLaunch(self.model_dir, settings, host=options.host, port=options.port,
+                                 kv_cache_gib=options.kv_cache_gib, extra_args=tuple(options.vllm_args))
+        vllm_log = self.log_dir / "vllm.log"
+        self.say(f"starting vLLM on {self.base_url} (log: {vllm_log})")
+        self.vllm = start_vllm(self.launch, vllm_log)
+        seconds = wait_until_ready(self.launch, self.vllm, vllm_log)
+        self.say(f"vLLM ready after {seconds:.0f} s; starting the training worker")
+        self.worker = WorkerProcess.start(
+            self.model_dir, optimizer=options.optimizer, train_modules=options.train_modules,
+            lr=options.lr, sync_interval_s=options.sync_interval_s, threads=options.trainer_threads,
+            max_probe_drift=options.max_probe_drift, shared_copy=self.shm_dir,
+            runtime_dir=self.runtime_dir, log_path=self.log_dir / "worker.log")
+        total = time.monotonic() - started
+        self.say(f"ready after {total:.0f} s: OpenAI API at {self.base_url}/v1, "
+                 f"training at {self.base_url}/train")
+        return total
+
+    def _token_file(self) -> Path | None:
+        """The admin token as a file the plugin reads: --admin-token-file, or
+        $LIVETRAIN_ADMIN_TOKEN written to a 0600 file in the private runtime directory."""
+        if self.options.admin_token_file is not None:
+            path = Path(self.options.admin_token_file).resolve()
+            if not path.read_text().strip():
+                raise ValueError(f"admin token file {path} is empty")
+            return path
+        token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+        if not token:
+            return None
+        path = self.runtime_dir / "admin-token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        return path
+
+    def supervise(self) -> int:
+        """Block until a signal (clean stop, exit 0) or until a side dies (exit 1)."""
+        stop = {"signal": None}
+
+        def on_signal(signum: int, frame: object) -> None:
+            if stop["signal"] is not None:  # a second signal: exit now; syncs are crash-consistent
+                os._exit(128 + signum)
+            stop["signal"] = signum
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while stop["signal"] is None:
+                if self.vllm.poll() is not None:
+                    self.say(f"vLLM exited with status {self.vllm.returncode} "
+                             f"(log: {self.log_dir / 'vllm.log'}); syncing what was trained")
+                    return 1
+                if self.worker.popen.poll() is not None:
+                    self.say(f"the training worker exited with status {self.worker.popen.returncode} "
+                             f"(log: {self.log_dir / 'worker.log'})")
+                    return 1
+                time.sleep(0.5)
+            self.say("stopping: syncing the checkpoint, then stopping vLLM")
+            return 0
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def stop(self) -> None:
+        """Stop the worker first (it syncs), then vLLM; remove the shared copy and the runtime dir."""
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        if self.vllm is not None:
+            stop_vllm(self.vllm)
+            self.vllm = None
+        remove_shared_copy(self.shm_dir)
+        if self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def __enter__(self) -> "LiveServer":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(options: ServeOptions) -> int:
+    """Run until Ctrl-C or SIGTERM; the exit status of `livetrain serve`."""
+    with LiveServer(options) as server:
+        status = server.supervise()
+    return status
+
