@@ -16,7 +16,8 @@ from typing import Any
 from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
 from vllm.engine.protocol import EngineClient
 
-from livetrain.vllm_plugin.settings import PluginSettings
+from livetrain.vllm_plugin.extension import QUALNAME
+from livetrain.vllm_plugin.settings import BACKEND, PluginSettings
 from livetrain.weights import Layout
 
 
@@ -50,7 +51,14 @@ class ServedModel:
 
     async def start(self) -> None:
         """Export the weights and set up the CPU serving mode; call once, after the engine is up."""
-        self.weights_export = await self._worker("livetrain_export_weights", str(self.settings.shm_dir))
+        try:
+            self.weights_export = await self._worker("livetrain_export_weights", str(self.settings.shm_dir))
+        except Exception as exc:
+            if "livetrain_export_weights" not in str(exc):
+                raise
+            raise RuntimeError(f"vLLM's worker has no livetrain extension ({exc}): start vLLM with "
+                               f"--worker-extension-cls {QUALNAME} --weight-transfer-config "
+                               f"'{{\"backend\": \"{BACKEND}\"}}' (livetrain serve does)") from exc
         self.layout = Layout.from_dict(self.weights_export["layout"])
         self.kind = next(iter(self.weights_export["handles"].values()))["kind"]
         if self.kind != "shm":
