@@ -23,9 +23,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from livetrain.default_model import DefaultModelMissing
     from livetrain.train.data import DataFormatError
     from livetrain.train.step import InvalidExampleError
+    from livetrain.vllm_plugin.launcher import UnsupportedVllmConfig, VllmStartError
+    from livetrain.vllm_plugin.plugins import AccessRuleError
     from livetrain.worker.lock import DirectoryInUse
 
-    return (UsageError, CheckpointError, LivetrainError, DefaultModelMissing, DataFormatError,
+    return (UsageError, VllmStartError, UnsupportedVllmConfig, AccessRuleError, CheckpointError, LivetrainError, DefaultModelMissing, DataFormatError,
             InvalidExampleError, DirectoryInUse, FileNotFoundError, FileExistsError)
 
 
@@ -122,6 +124,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_probe_drift=args.max_probe_drift, vllm_args=args.vllm_args,
         **({"train_modules": args.train_modules} if args.train_modules else {}))
     return serve(options)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from livetrain.demo import run_demo
+
+    run_demo(args.work_dir, port=args.port, questions=args.questions, epochs=args.epochs, lr=args.lr)
+    return 0
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "this (default: 0.5; 0 turns the check off)")
     serve.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARGS", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
+
+    demo = commands.add_parser(
+        "demo", help="the live-training demo: teach the served default model a behaviour",
+        description="Serve a fresh copy of the default model, ask held-out questions, teach a "
+                    "behaviour through /train, ask again (before/after, pass rate), sync the "
+                    "checkpoint, restart from the directory and show the behaviour persisted. "
+                    "A few minutes on 2 cores; leaves nothing running.")
+    demo.add_argument("--work-dir", type=Path, default=Path(__file__).resolve().parents[1] / ".cache",
+                      help="where the default model and the demo's model directory go "
+                           "(default: the repository's .cache/)")
+    demo.add_argument("--port", type=int, default=8000, help="port to serve on (default: 8000)")
+    demo.add_argument("--questions", type=int, default=10, help="held-out questions asked (default: 10)")
+    demo.add_argument("--epochs", type=int, default=2, help="passes over the 16 examples (default: 2)")
+    demo.add_argument("--lr", type=float, help="learning rate (default: the server's)")
+    demo.set_defaults(func=cmd_demo)
 
     checkpoint = commands.add_parser(
         "checkpoint", help="inspect, verify and roll back a model directory's generations",
