@@ -25,6 +25,7 @@ def vllm(model_dir):
     engine = InProcessEngine(model_dir, cpu_mode="reload")
     yield engine
     engine.close()
+    assert not engine.shm_dir.exists()  # the shared copy does not outlive its owner
 
 
 def test_layout_derived_inside_vllm_is_the_hugging_face_packing(vllm, model_dir):

@@ -86,3 +86,4 @@ class InProcessEngine:
         self.loop.close()
         if self.served is not None:
             remove_shared_copy(self.shm_dir)
+        self.engine = self.served = None  # let AsyncLLM's finaliser run now, not at interpreter exit
