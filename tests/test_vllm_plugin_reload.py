@@ -106,3 +106,24 @@ def test_refreshes_during_a_request_keep_the_request(vllm, consistent):
     assert all(r.params == ["model.layers.1.self_attn.qkv_proj.weight"] for r in results)
     assert len(tokens) == 200  # neither aborted nor cut short
     assert {r.prefix_cache_reset for r in results} <= {"reset", "reset_preempting_running"}
+
+
+def test_a_step_of_the_training_worker_is_what_vllm_serves_after_refresh(vllm, model_dir):
+    from livetrain.worker.process import WorkerProcess
+
+    worker = WorkerProcess.start(model_dir, shared_copy=vllm.shm_dir, optimizer="adamw", lr=1e-2,
+                                 sync_interval_s=3600, threads=1)
+    try:
+        before = vllm.served_param(QKV0)
+        result = worker.request("train", {"examples": [{"context_ids": [1, 17, 4000], "continuation_ids": [250, 9]}],
+                                          "loss": "sft"}, timeout_s=300)
+        assert result["applied"], result
+        changed = result["changed_tensors"]
+        assert "model.layers.0.self_attn.q_proj.weight" in changed
+        refresh = vllm.run(vllm.served.refresh(changed, result["weights_version"]))
+        assert QKV0 in refresh.params
+        _, shared = open_shared_copy(vllm.shm_dir)
+        served = vllm.served_param(QKV0)
+        assert torch.equal(served, shared[QKV0]) and not torch.equal(served, before)
+    finally:
+        worker.stop(timeout_s=60)
