@@ -127,3 +127,22 @@ def test_extended_frozen_context_equals_prefill_of_whole_prefix(arch):
         want = continuation_logits(model, prefill(model, IDS[:P]), IDS[P:])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert all(torch.equal(a, b) for a, b in zip(base_state, state_tensors(base)))
+
+
+def test_hybrid_preference_pair_shares_one_context_without_corrupting_it():
+    from livetrain.train import PreferenceExample, StepOptions, train_step
+    from livetrain.train.losses import orpo_loss
+
+    model = tiny_hybrid()
+    context, chosen, rejected = IDS[:P + 1].tolist(), IDS[P + 1:].tolist(), IDS[P + 1:].flip(0).tolist()
+
+    def full_logprobs(answer):
+        ids = torch.tensor(context + answer)
+        with torch.no_grad():
+            return token_logprobs(model(input_ids=ids[None]).logits[0, len(context) - 1:-1], torch.tensor(answer))
+
+    want, _ = orpo_loss(full_logprobs(chosen), full_logprobs(rejected), 0.1)
+    result = train_step(model, torch.optim.SGD(model.parameters(), lr=1e-3),
+                        [PreferenceExample(tuple(context), tuple(chosen), tuple(rejected))], StepOptions(loss="orpo"))
+    assert result.applied
+    assert result.loss == pytest.approx(want.item(), rel=1e-4)

@@ -88,6 +88,8 @@ def _max_context_length(model: torch.nn.Module) -> int | None:
 
 def validate_examples(model: torch.nn.Module, examples: Sequence[Example], loss: LossKind) -> None:
     """Raise InvalidExampleError for the first example the step cannot train on."""
+    if loss not in ("sft", "orpo", "dpo"):
+        raise ValueError(f"loss must be 'sft', 'orpo' or 'dpo', got {loss!r}")
     if not examples:
         raise InvalidExampleError("no examples")
     vocab = model.get_input_embeddings().num_embeddings
@@ -258,8 +260,11 @@ def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options
     if before is None:
         return None
     current = [p.detach() for p in stepped]
-    update_norm = math.sqrt(sum(torch.linalg.vector_norm((p - b).float()).item() ** 2
-                                for p, b in zip(current, before)))
+    # Differences a few tensors at a time: bounded scratch memory, one host sync at the end.
+    norms = []
+    for i in range(0, len(current), 16):
+        norms += torch._foreach_norm(torch._foreach_sub(current[i:i + 16], before[i:i + 16]), 2, dtype=torch.float32)
+    update_norm = _total_norm(norms).item()
     if not math.isfinite(update_norm):
         torch._foreach_copy_(current, before)
     elif options.max_update_norm is not None and update_norm > options.max_update_norm:
