@@ -193,9 +193,9 @@ class Apollo(Optimizer):
         torch.div(layout.exp_avg, normalized, out=normalized)
 
         # Scaling factors s = ‖N‖ / ‖R‖ per channel (C,) or per weight (P,).
-        lengths = layout.channel_lengths if channelwise else layout.weight_lengths
-        scales = _segment_norms(normalized, lengths)
-        scales.div_(_segment_norms(projected, lengths).add_(_TINY))
+        segment_norms = layout.channel_norms if channelwise else layout.weight_norms
+        scales = segment_norms(normalized)
+        scales.div_(segment_norms(projected).add_(_TINY))
         if channelwise:  # ‖G·diag(s)‖ per weight (P,)
             scaled_norms = _segment_norms(scales * grad_norms, layout.channels_per_weight)
         else:
@@ -361,8 +361,6 @@ class _FlatLayout:
         self.channel_offsets = [0, *accumulate(self.channel_counts)]
         self.weight_lengths = torch.tensor(sizes, device=device)
         self.channels_per_weight = torch.tensor(self.channel_counts, device=device)
-        self.channel_lengths = torch.tensor(self.ranks, device=device).repeat_interleave(
-            self.channels_per_weight, output_size=self.channel_offsets[-1])
         self.exp_avg = torch.zeros(self.value_offsets[-1], device=device)
         self.exp_avg_sq = torch.zeros(self.value_offsets[-1], device=device)
         self.update_norm = torch.full((len(params),), math.inf, device=device)
@@ -382,6 +380,17 @@ class _FlatLayout:
         """Weight i's (channels, r) part of a flat (F,) buffer."""
         start, end = self.value_offsets[i], self.value_offsets[i + 1]
         return buffer[start:end].view(self.channel_counts[i], self.ranks[i])
+
+    def channel_norms(self, buffer: torch.Tensor) -> torch.Tensor:
+        """‖·‖ of each channel's r values in a flat (F,) buffer: (C,)."""
+        norms = buffer.new_empty(self.channel_offsets[-1])
+        for i in range(len(self.params)):
+            torch.linalg.vector_norm(self.view(buffer, i), dim=1, out=norms[self.channels(i)])
+        return norms
+
+    def weight_norms(self, buffer: torch.Tensor) -> torch.Tensor:
+        """‖·‖ of each weight's values in a flat (F,) buffer: (P,). Squares `buffer` in place."""
+        return _segment_norms(buffer, self.weight_lengths)
 
     def channels(self, i: int) -> slice:
         """Weight i's part of a per-channel (C,) vector."""
