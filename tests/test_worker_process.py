@@ -136,6 +136,19 @@ def test_shutdown_syncs_and_releases_the_directory(tmp_path, tokenizer_dir):
         assert session.optimizer_state == "restored (1 steps)"
 
 
+def test_sigterm_finishes_syncs_and_exits_cleanly(tmp_path, tokenizer_dir):
+    from tests.session_helpers import tiny_dir
+
+    model_dir = tiny_dir(tmp_path / "model", tokenizer_dir)
+    digest = files_digest(model_dir)
+    process = WorkerProcess.start(model_dir, threads=1)
+    process.request("train", {"examples": [wire(example(0))]})
+    process.popen.terminate()
+    assert process.popen.wait(timeout=60) == 0
+    process.stop()
+    assert files_digest(model_dir) != digest
+
+
 def test_an_orphaned_worker_syncs_and_exits(tmp_path, tokenizer_dir):
     """The launcher dies without stopping the worker: it syncs, unlocks and exits by itself."""
     import subprocess

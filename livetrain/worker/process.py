@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -126,6 +127,10 @@ def run_worker(model_dir: str | os.PathLike, address: str, *, optimizer: str = "
     try:
         server = WorkerServer(address, {})
         server.handlers.update(session_handlers(session, lambda args: server.load()))
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM and Ctrl-C finish the running step, then sync and unlock below.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: server.stop())
         # If whatever started the worker dies without stopping it, sync and exit rather
         # than hold the directory forever.
         server.serve_forever(orphaned=lambda: os.getppid() != parent)
@@ -164,18 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = served_model(args.model_dir, args.shared_copy) if args.shared_copy else None
-    # SIGTERM unwinds like Ctrl-C: the running step finishes, the session syncs and unlocks.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        run_worker(args.model_dir, args.address, optimizer=args.optimizer,
-                   train_modules=args.train_modules, lr=args.lr, sync_interval_s=args.sync_interval,
-                   max_probe_drift=args.max_probe_drift or None, model=model)
-    except KeyboardInterrupt:
-        pass
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    run_worker(args.model_dir, args.address, optimizer=args.optimizer,
+               train_modules=args.train_modules, lr=args.lr, sync_interval_s=args.sync_interval,
+               max_probe_drift=args.max_probe_drift or None, model=model)
 
 
 def new_runtime_dir() -> Path:

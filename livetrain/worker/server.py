@@ -1,10 +1,13 @@
 """The training worker's request loop: a ZMQ ROUTER socket in front of a session.
 
-One thread owns the socket. ``status`` is answered at once, even while a step runs;
-every other operation goes, in arrival order, to a single job thread, so the session
-sees one request at a time. A request whose deadline passed while it waited is not
-run (its caller has already been told it timed out). Replies travel back from the job
-thread over an ``inproc`` socket, since ZMQ sockets must not be shared by threads.
+A socket thread owns the socket. ``status`` is answered there at once, even while a
+step runs; every other operation goes, in arrival order, to the job loop, which runs
+in the thread that called :meth:`WorkerServer.serve_forever` (the process's main
+thread), so the session sees one request at a time. A request whose
+deadline passed while it waited is not run (its caller has already been told it timed
+out). Replies travel back over an ``inproc`` socket, since ZMQ sockets must not be
+shared by threads. :meth:`WorkerServer.stop` is safe in a signal handler: the running
+job finishes first, so a shutdown never interrupts half a step.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class WorkerServer:
 
     ``handlers``: op name -> function of the request's args returning the result dict
     (raise ``WorkerError`` to refuse). ``status`` runs on the socket thread and must
-    not block; the others run one at a time on the job thread.
+    not block; the others run one at a time in the job loop.
     """
 
     def __init__(self, address: str, handlers: dict[str, Handler], max_pending: int = 64) -> None:
@@ -39,43 +42,59 @@ class WorkerServer:
         self.max_pending = max_pending
         self._context = zmq.Context()
         self._inproc = f"inproc://replies-{id(self)}"
-        self._jobs: queue.Queue[tuple[list[bytes], dict[str, Any]] | None] = queue.Queue()
-        self._stopping = threading.Event()
+        self._jobs: queue.Queue[tuple[list[bytes], dict[str, Any]]] = queue.Queue()
+        self._stopping = threading.Event()  # a shutdown request arrived: refuse new work
+        self._stop = threading.Event()  # leave the loops
+        self._bound = threading.Event()
         self._running: str | None = None
 
     def serve_forever(self, orphaned: Callable[[], bool] | None = None) -> None:
-        """Bind, answer requests, return after a ``shutdown`` request has been answered
-        (or, checked every second, once ``orphaned()`` says the owner is gone)."""
+        """Bind, run jobs, return after a ``shutdown`` request has been answered, after
+        :meth:`stop`, or once ``orphaned()`` (checked 5 times a second) says the owner is gone."""
+        socket_thread = threading.Thread(target=self._serve_socket, args=(orphaned,),
+                                         name="livetrain-socket", daemon=True)
+        socket_thread.start()
+        try:
+            self._run_jobs()
+        finally:
+            self._stop.set()
+            socket_thread.join(timeout=30)
+            self._context.term()
+
+    def stop(self) -> None:
+        """Stop after the running job (if any); safe to call from a signal handler."""
+        self._stop.set()
+
+    def _serve_socket(self, orphaned: Callable[[], bool] | None) -> None:
         router = self._context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 1000)
-        router.bind(self.address)
         replies = self._context.socket(zmq.PULL)
-        replies.bind(self._inproc)
-        job_thread = threading.Thread(target=self._run_jobs, name="livetrain-jobs", daemon=True)
-        job_thread.start()
+        try:
+            router.bind(self.address)
+            replies.bind(self._inproc)
+        finally:
+            self._bound.set()
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
         log.info("training worker listening on %s", self.address)
         try:
-            while True:
-                events = dict(poller.poll(1000))
-                if not events and orphaned is not None and orphaned():
-                    log.warning("the process that started the training worker is gone; stopping")
-                    break
+            while not self._stop.is_set():
+                events = dict(poller.poll(200))
                 if replies in events:
                     frames = replies.recv_multipart()
-                    if frames == [b""]:  # the job thread finished a shutdown
+                    if frames == [b""]:  # the job loop finished a shutdown
                         break
                     router.send_multipart(frames)
                 if router in events:
                     self._dispatch(router, router.recv_multipart())
+                if not events and orphaned is not None and orphaned():
+                    log.warning("the process that started the training worker is gone; stopping")
+                    break
         finally:
-            self._jobs.put(None)
-            job_thread.join(timeout=30)
+            self._stop.set()
             router.close()
             replies.close()
-            self._context.term()
 
     def load(self) -> dict[str, Any]:
         """How busy the worker is: the operation running now and how many wait."""
@@ -106,18 +125,21 @@ class WorkerServer:
             self._jobs.put((envelope, message))
 
     def _run_jobs(self) -> None:
+        self._bound.wait()
         out = self._context.socket(zmq.PUSH)
         out.connect(self._inproc)
         try:
-            while (job := self._jobs.get()) is not None:
-                envelope, message = job
+            while not self._stop.is_set():
+                try:
+                    envelope, message = self._jobs.get(timeout=0.2)
+                except queue.Empty:
+                    continue
                 self._running = message.get("op")
                 reply = self._handle(message)
                 self._running = None
-                # An empty last frame after a shutdown's reply tells the loop to stop.
                 out.send_multipart([*envelope, reply])
                 if message.get("op") == "shutdown":
-                    out.send_multipart([b""])
+                    out.send_multipart([b""])  # after the reply: tells the socket thread to stop
                     return
         finally:
             out.close(linger=1000)
