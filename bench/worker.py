@@ -76,26 +76,27 @@ def main() -> None:
     rows: list[tuple[str, str]] = []
     report: dict = {"context": args.context, "continuation": args.continuation, "steps": args.steps}
     n = args.steps + 1
-    examples = iter(make_examples(4 * n + 8, args.context, args.continuation, len(tokenizer), seed=0))
+    examples = iter(make_examples(3 * n + 8, args.context, args.continuation, len(tokenizer), seed=0))
     take = lambda k: [next(examples) for _ in range(k)]  # noqa: E731
     lr = StepOptions(lr=1e-5)
 
     try:
-        # 1. in-process, without and with the probe
-        model_dir = work / "model"
-        shutil.copytree(source, model_dir, ignore=shutil.ignore_patterns(".livetrain"))
-        for label, probe in (("in-process", None), ("in-process + probe", ProbeGuard.from_text(tokenizer))):
-            with TrainingSession.open(model_dir, probe=probe) as session:
-                times = timed_steps(lambda ex: session.train([ex], lr).to_dict(), take(n))
-            report[label] = statistics.median(times)
-            rows.append((f"step, {label} (s)", f"{report[label]:.3f}"))
+        # 1. in-process without the probe, then with it and through the routes, alternating
+        # step by step so that the machine's load drifts equally over both.
+        model_dir, served_dir = work / "model", work / "served"
+        for path in (model_dir, served_dir):
+            shutil.copytree(source, path, ignore=shutil.ignore_patterns(".livetrain"))
+        with TrainingSession.open(model_dir) as session:
+            times = timed_steps(lambda ex: session.train([ex], lr).to_dict(), take(n))
+        report["in-process"] = statistics.median(times)
+        rows.append(("step, in-process (s)", f"{report['in-process']:.3f}"))
 
-        # 1b. through the routes and the worker process
-        worker = WorkerProcess.start(model_dir, threads=2, sync_interval_s=3600)
+        worker = WorkerProcess.start(served_dir, threads=2, sync_interval_s=3600)
         try:
             app = FastAPI()
             app.include_router(router)
-            with TestClient(app) as http:
+            with TestClient(app) as http, TrainingSession.open(model_dir, probe=ProbeGuard.from_text(tokenizer)) \
+                    as session:
                 TrainingRoutes(WorkerConnection(worker.address)).install(app.state)
 
                 def post(ex):
@@ -103,8 +104,16 @@ def main() -> None:
                                           "continuation_ids": list(ex.continuation_ids)}], "lr": 1e-5}
                     return http.post("/train", json=body).json()
 
-                times = timed_steps(post, take(n))
-                report["routes + worker"] = statistics.median(times)
+                local, remote = [], []
+                for i, ex in enumerate(take(n)):
+                    for runner, times in ((lambda e: session.train([e], lr).to_dict(), local), (post, remote)):
+                        start = time.perf_counter()
+                        assert runner(ex)["applied"]
+                        if i:  # the first round warms both up
+                            times.append(time.perf_counter() - start)
+                report["in-process + probe"] = statistics.median(local)
+                report["routes + worker"] = statistics.median(remote)
+                rows.append(("step, in-process + probe (s)", f"{report['in-process + probe']:.3f}"))
                 rows.append(("step, POST /train -> worker + probe (s)", f"{report['routes + worker']:.3f}"))
                 ratio = report["routes + worker"] / report["in-process + probe"]
                 report["routes_overhead_ratio"] = ratio
