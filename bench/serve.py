@@ -1,0 +1,249 @@
+"""`livetrain serve` against plain vLLM with the same flags, over HTTP, in one run.
+
+For each server: start-up to ready, single-stream and 8-concurrent tokens/s (64-token
+completions, ignore_eos), and peak memory of all its processes (sum of PSS, sampled
+every 0.25 s: shared pages count once). For livetrain also: single-stream tokens/s
+while /train runs back to back, and the time from an applied step's end (as the worker
+measured it) to the moment a request can see it (the /train reply comes after the
+refresh; the next request's log-prob shows the new weights).
+
+    .venv/bin/python bench/serve.py [--model DIR] [--runs 3] [--steps 10]
+
+Prints a table and writes bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from livetrain.default_model import init_default  # noqa: E402
+from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
+from livetrain.vllm_plugin.launcher import ENTRY_MODULE, log_tail, stop_vllm  # noqa: E402
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+NEW_TOKENS = 64
+VLLM_ARGS = ["--enforce-eager", "--max-model-len", "2048", "--served-model-name", "m"]
+TRAIN_EXAMPLE = {"context_ids": list(range(1000, 1064)), "continuation_ids": list(range(2000, 2016))}
+
+
+def process_tree(root: int) -> list[int]:
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def pss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+class PeakMemory:
+    """Samples the summed PSS of the process trees under `roots()` until stopped."""
+
+    def __init__(self, roots) -> None:
+        self.roots, self.peak, self._stop = roots, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids = [pid for root in self.roots() for pid in process_tree(root)]
+            self.peak = max(self.peak, pss_bytes(pids))
+            self._stop.wait(0.25)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def complete(base: str, max_tokens: int = NEW_TOKENS) -> int:
+    reply = httpx.post(base + "/v1/completions", timeout=300, json={
+        "model": "m", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    reply.raise_for_status()
+    return reply.json()["usage"]["completion_tokens"]
+
+
+def throughput(base: str, runs: int) -> dict[str, float]:
+    complete(base)  # warm-up
+    single, concurrent = [], []
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(runs):
+            started = time.perf_counter()
+            tokens = complete(base)
+            single.append(tokens / (time.perf_counter() - started))
+            started = time.perf_counter()
+            tokens = sum(pool.map(lambda _: complete(base), range(8)))
+            concurrent.append(tokens / (time.perf_counter() - started))
+    return {"single_tok_s": statistics.median(single), "concurrent8_tok_s": statistics.median(concurrent)}
+
+
+def next_token_logprob(base: str) -> float:
+    reply = httpx.post(base + "/v1/completions", timeout=300, json={
+        "model": "m", "prompt": TRAIN_EXAMPLE["context_ids"], "max_tokens": 1, "temperature": 0,
+        "logprobs": 1})
+    reply.raise_for_status()
+    return reply.json()["choices"][0]["logprobs"]["token_logprobs"][0]
+
+
+def visibility(base: str, steps: int) -> dict[str, float]:
+    """Per applied step: /train wall time minus the worker's step time (refresh, prefix-cache
+    reset, transport), and whether the next request's log-prob changed."""
+    lags, seen = [], 0
+    before = next_token_logprob(base)
+    for _ in range(steps):
+        started = time.perf_counter()
+        result = httpx.post(base + "/train", timeout=300,
+                            json={"examples": [TRAIN_EXAMPLE], "lr": 1e-3}).json()
+        wall = time.perf_counter() - started
+        if not result.get("applied"):
+            continue
+        lags.append(wall - result["seconds"])
+        after = next_token_logprob(base)
+        seen += after != before
+        before = after
+    lags.sort()
+    return {"applied_steps": len(lags), "seen_by_next_request": seen,
+            "lag_p50_s": lags[len(lags) // 2], "lag_p95_s": lags[min(len(lags) - 1, round(0.95 * (len(lags) - 1)))]}
+
+
+def single_while_training(base: str, runs: int) -> float:
+    stop = threading.Event()
+
+    def train_loop() -> None:
+        while not stop.is_set():
+            httpx.post(base + "/train", timeout=300, json={"examples": [TRAIN_EXAMPLE], "lr": 1e-5})
+
+    trainer = threading.Thread(target=train_loop, daemon=True)
+    trainer.start()
+    try:
+        time.sleep(2)
+        rates = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            rates.append(complete(base) / (time.perf_counter() - started))
+    finally:
+        stop.set()
+        trainer.join()
+    return statistics.median(rates)
+
+
+def plain_vllm(model_dir: Path, port: int, runs: int, log: Path) -> dict:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(os.cpu_count()),
+           "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", ENTRY_MODULE, "--model", str(model_dir),
+                                    "--port", str(port), *VLLM_ARGS], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    memory = PeakMemory(lambda: [process.pid])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"plain vLLM exited:\n{log_tail(log)}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        result = {"startup_s": time.monotonic() - started, **throughput(base, runs)}
+    finally:
+        result_memory = memory.stop()
+        stop_vllm(process)
+    return {**result, "peak_pss_bytes": result_memory}
+
+
+def livetrain_serve(model_dir: Path, port: int, runs: int, steps: int) -> dict:
+    server = LiveServer(ServeOptions(model_dir=model_dir, port=port, vllm_args=VLLM_ARGS,
+                                     max_probe_drift=0), say=lambda line: None)
+    memory = PeakMemory(lambda: [p.pid for p in (server.vllm, server.worker and server.worker.popen) if p])
+    try:
+        startup = server.start()
+        base = server.base_url
+        result = {"startup_s": startup, **throughput(base, runs)}
+        result["single_tok_s_while_training"] = single_while_training(base, runs)
+        result.update(visibility(base, steps))
+    finally:
+        result["peak_pss_bytes"] = memory.stop()
+        server.stop()
+    state = model_dir / ".livetrain" / "optimizer.pt"
+    result["optimizer_state_bytes"] = state.stat().st_size if state.exists() else 0
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=REPO / ".cache" / "smollm2-135m-bf16")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--port", type=int, default=8191)
+    args = parser.parse_args()
+
+    base_model = init_default(args.model, dtype=torch.bfloat16)
+    work = REPO / ".cache" / "bench-serve"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(base_model, work / "model")
+    plain = plain_vllm(work / "model", args.port, args.runs, work / "plain-vllm.log")
+    live = livetrain_serve(work / "model", args.port, args.runs, args.steps)
+
+    rows = [
+        ("single-stream tok/s, serve vs plain vLLM", live["single_tok_s"], plain["single_tok_s"], "≥ 0.9×"),
+        ("8 concurrent tok/s, serve vs plain vLLM", live["concurrent8_tok_s"], plain["concurrent8_tok_s"], "≥ 0.9×"),
+        ("single-stream tok/s, /train running vs idle", live["single_tok_s_while_training"],
+         live["single_tok_s"], "≥ 0.5×"),
+        ("peak memory (PSS, all processes), serve vs plain", live["peak_pss_bytes"] / 2**20,
+         plain["peak_pss_bytes"] / 2**20, "≤ 1.3× + optimizer state"),
+        ("start-up to ready (s), serve vs plain", live["startup_s"], plain["startup_s"], "≤ 1.2×"),
+    ]
+    print(f"{'figure':<52} {'livetrain':>10} {'reference':>10} {'ratio':>7}  target")
+    for name, value, reference, target in rows:
+        print(f"{name:<52} {value:>10.1f} {reference:>10.1f} {value / reference:>6.2f}×  {target}")
+    print(f"step end -> visible to the next request: p50 {live['lag_p50_s'] * 1000:.0f} ms, "
+          f"p95 {live['lag_p95_s'] * 1000:.0f} ms over {live['applied_steps']} applied steps "
+          f"({live['seen_by_next_request']} seen by the next request); target p95 ≤ 500 ms")
+    print(f"optimizer state on disk: {live['optimizer_state_bytes'] / 2**20:.2f} MiB")
+    out = REPO / "bench" / "results" / "serve.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"plain_vllm": plain, "livetrain_serve": live, "vllm_args": VLLM_ARGS,
+                               "cpus": os.cpu_count()}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
