@@ -68,7 +68,7 @@ def run(kind, lr, steps, evaluate_at, model, tokenizer, behaviour, initial) -> d
     out = {"optimizer": kind, "lr": lr, "losses": [], "train_seconds": 0.0}
     for step in range(steps):
         result = train_step(model, optimizer, [behaviour.train[step % len(behaviour.train)]],
-                            StepOptions(measure_update=False))
+                            StepOptions())
         assert result.applied, result.reason
         out["losses"].append(round(result.loss, 4))
         out["train_seconds"] += result.seconds

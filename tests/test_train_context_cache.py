@@ -58,9 +58,11 @@ def test_update_norm_budget_bounds_reuse():
     model = build_tiny_model("llama")
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     cache = ContextCache(max_age_steps=None, max_update_norm=1e-9)
-    assert [step(model, opt, cache).cache_hits for _ in range(3)] == [0, 0, 0]
+    assert [step(model, opt, cache, measure_update=True).cache_hits for _ in range(3)] == [0, 0, 0]
     cache = ContextCache(max_age_steps=None, max_update_norm=1e9)
-    assert [step(model, opt, cache).cache_hits for _ in range(3)] == [0, 1, 1]
+    assert [step(model, opt, cache, measure_update=True).cache_hits for _ in range(3)] == [0, 1, 1]
+    # an unmeasured update counts as unbounded against a norm budget
+    assert [step(model, opt, cache).cache_hits for _ in range(2)] == [1, 0]
 
 
 def test_disabled_cache_never_hits_and_holds_nothing():

@@ -51,7 +51,7 @@ def test_sft_step_updates_weights_in_place_and_lowers_loss(model):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     q = model.model.layers[0].self_attn.q_proj.weight
     q_before, q_storage = q.detach().clone(), q.data_ptr()
-    results = [train_step(model, opt, [SFTExample(CTX, ANS)]) for _ in range(5)]
+    results = [train_step(model, opt, [SFTExample(CTX, ANS)], StepOptions(measure_update=True)) for _ in range(5)]
     assert all(r.applied and r.reason is None for r in results)
     assert results[-1].loss < results[0].loss
     assert results[0].tokens == len(ANS) and results[0].update_norm > 0
@@ -165,7 +165,7 @@ def test_step_lr_applies_to_this_step_only(model):
 
 def test_max_grad_norm_clips_before_the_step(model):
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    result = train_step(model, opt, [SFTExample(CTX, ANS)], StepOptions(max_grad_norm=1e-3))
+    result = train_step(model, opt, [SFTExample(CTX, ANS)], StepOptions(max_grad_norm=1e-3, measure_update=True))
     assert result.grad_norm > 1e-3  # reported before clipping
     assert result.update_norm == pytest.approx(1e-3, rel=1e-3)  # SGD lr 1: update = clipped gradient
 

@@ -43,8 +43,9 @@ class StepOptions:
     orpo_lambda: weight of ORPO's odds-ratio term. dpo_beta: DPO's β.
     max_grad_norm: clip the gradient's global L2 norm to this (None: no clipping).
     max_update_norm: scale the applied update down to this L2 norm (None: no bound).
-    measure_update: report the update's L2 norm. It costs a copy of the trained weights
-        during the optimizer step; it is always on when max_update_norm is set.
+    measure_update: measure the update's L2 norm (for the result and a ContextCache's
+        update-norm budget). It costs a copy of the trained weights during the optimizer
+        step (time and memory), so it is off unless asked for or max_update_norm is set.
     dry_run: compute loss and gradients, apply nothing.
     """
 
@@ -54,7 +55,7 @@ class StepOptions:
     dpo_beta: float = 0.1
     max_grad_norm: float | None = 1.0
     max_update_norm: float | None = None
-    measure_update: bool = True
+    measure_update: bool = False
     dry_run: bool = False
 
 
