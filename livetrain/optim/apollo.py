@@ -43,9 +43,10 @@ _TINY = 1e-8
 _PROJECTION_STREAM = 1
 _ROUNDING_STREAM = 2
 _MASK64 = (1 << 64) - 1
-# Weights are stepped in batches of at most this many gradient bytes, so that a gradient
-# read by the projection is still in a CPU's last-level cache when the update reads it.
-_BATCH_BYTES = 8 << 20
+# Weights are stepped in batches of at most this many gradient bytes: few enough batches
+# that the per-batch ops stay few, small enough to bound the batch's temporary
+# projected-space buffers (at rank 256 they are about half the gradients' size).
+_BATCH_BYTES = 64 << 20
 
 
 def mix_seed(*values: int) -> int:
