@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import json
 import logging
 import math
 from typing import Any, Awaitable, Callable, Protocol
@@ -23,8 +24,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from livetrain.routes.schemas import (CheckpointBody, LogprobsBody, RollbackBody, TrainBody, error_response,
-                                      validation_error_response)
+from livetrain.routes.schemas import (CheckpointBody, LogprobsBody, RequestLimits, RollbackBody, TrainBody,
+                                      error_response, validation_error_response)
 from livetrain.worker import protocol
 from livetrain.worker.protocol import WorkerError
 
@@ -47,16 +48,18 @@ class Worker(Protocol):
 
 @dataclasses.dataclass
 class TrainingRoutes:
-    """What the routes need: the worker, the admin token, the hook, the queue bound.
+    """What the routes need: the worker, the admin token, the hook, the limits.
 
     ``max_queue``: requests for the worker (train, logprobs, checkpoint, rollback)
-    waiting or running at once; one more gets 429 with ``Retry-After``.
+    waiting or running at once; one more gets 429 with ``Retry-After``. ``limits``:
+    body size, examples and tokens per request.
     """
 
     worker: Worker
     admin_token: str | None = None
     on_weights_changed: WeightsChangedHook | None = None
     max_queue: int = 8
+    limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
     in_flight: int = 0
     last_step_seconds: float = 1.0
 
@@ -100,9 +103,20 @@ def _routes(request: Request) -> TrainingRoutes:
     return routes
 
 
-async def _body(request: Request, model: type[BaseModel]) -> Any:
+async def _body(request: Request, routes: TrainingRoutes, model: type[BaseModel]) -> Any:
+    limit = routes.limits.max_body_bytes
+    too_large = error_response(413, f"the request body is larger than {limit} bytes; send fewer or shorter "
+                                    "examples per request", "invalid_request_error", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _Refused(too_large)
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise _Refused(too_large)
     try:
-        data = await request.json() if await request.body() else {}
+        data = json.loads(raw) if raw else {}
     except ValueError:
         raise _Refused(error_response(400, "the request body is not valid JSON", "invalid_request_error"))
     try:
@@ -111,10 +125,19 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
         raise _Refused(validation_error_response(exc))
 
 
+def _check_limits(routes: TrainingRoutes, examples: list[list[list[int]]]) -> None:
+    reason = routes.limits.check(examples)
+    if reason is not None:
+        raise _Refused(error_response(400, reason, "invalid_request_error", param="examples",
+                                      code="request_too_large"))
+
+
 def _worker_error(exc: WorkerError, request_id: str) -> JSONResponse:
     status = protocol.HTTP_STATUS.get(exc.type, 500)
-    return error_response(status, exc.message, exc.type, exc.param, exc.code,
-                          headers={"X-Request-Id": request_id})
+    headers = {"X-Request-Id": request_id}
+    if status == 503:
+        headers["Retry-After"] = "5"
+    return error_response(status, exc.message, exc.type, exc.param, exc.code, headers=headers)
 
 
 async def _queued_call(routes: TrainingRoutes, op: str, args: dict[str, Any], timeout_s: float,
@@ -175,7 +198,8 @@ def _handled(endpoint: Callable[..., Awaitable[dict[str, Any]]]) -> Callable[[Re
 
 async def train(request: Request, routes: TrainingRoutes, request_id: str) -> dict[str, Any]:
     """One optimizer step on the posted examples; returns when the served model has it."""
-    body = await _body(request, TrainBody)
+    body = await _body(request, routes, TrainBody)
+    _check_limits(routes, [e.token_lists() for e in body.examples])
     args = {"examples": [e.model_dump(exclude_none=True) for e in body.examples],
             "options": body.step_options(), "request_id": request_id}
     result = await _queued_call(routes, "train", args, body.timeout_s, request_id)
@@ -186,7 +210,8 @@ async def train(request: Request, routes: TrainingRoutes, request_id: str) -> di
 
 async def logprobs(request: Request, routes: TrainingRoutes, request_id: str) -> dict[str, Any]:
     """Per-token log-probs of ``continuation_ids`` after ``context_ids`` under the live weights."""
-    body = await _body(request, LogprobsBody)
+    body = await _body(request, routes, LogprobsBody)
+    _check_limits(routes, [[body.context_ids, body.continuation_ids]])
     args = body.model_dump(exclude={"timeout_s"})
     return await _queued_call(routes, "logprobs", args, body.timeout_s, request_id)
 
@@ -202,7 +227,7 @@ async def status(request: Request, routes: TrainingRoutes, request_id: str) -> d
 
 async def checkpoint(request: Request, routes: TrainingRoutes, request_id: str) -> dict[str, Any]:
     """Sync the live weights into the model directory now (a new generation)."""
-    body = await _body(request, CheckpointBody)
+    body = await _body(request, routes, CheckpointBody)
     return await _queued_call(routes, "checkpoint", {}, body.timeout_s, request_id)
 
 
@@ -213,7 +238,7 @@ async def generations(request: Request, routes: TrainingRoutes, request_id: str)
 
 async def rollback(request: Request, routes: TrainingRoutes, request_id: str) -> dict[str, Any]:
     """Restore a generation in the files and in the served weights (optimizer state reset)."""
-    body = await _body(request, RollbackBody)
+    body = await _body(request, routes, RollbackBody)
     result = await _queued_call(routes, "rollback", {"generation": body.generation}, body.timeout_s, request_id)
     await _publish(routes, result, request_id)
     return result

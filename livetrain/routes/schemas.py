@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-TokenIds = list[StrictInt]
+TokenId = Annotated[StrictInt, Field(ge=0)]
+TokenIds = list[TokenId]
 Seconds = Field(default=300.0, gt=0, le=3600, description="wait at most this long for the worker")
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What one request to the training routes may ask for; more gets a 4xx.
+
+    ``max_body_bytes``: the JSON body (413 beyond). ``max_examples``: examples per
+    ``/train``. ``max_tokens_per_example``: context + continuation (or + chosen +
+    rejected). ``max_tokens_per_request``: summed over the request's examples (the
+    step's activation memory grows with it).
+    """
+
+    max_body_bytes: int = 8 * 2**20
+    max_examples: int = 64
+    max_tokens_per_example: int = 8192
+    max_tokens_per_request: int = 32768
+
+    def check(self, examples: list[list[TokenIds]]) -> str | None:
+        """Why ``examples`` (each a list of its id lists) exceed the limits, or None."""
+        if len(examples) > self.max_examples:
+            return (f"{len(examples)} examples in one request; the limit is {self.max_examples}: "
+                    "split them over several requests")
+        total = 0
+        for i, parts in enumerate(examples):
+            tokens = sum(len(ids) for ids in parts)
+            if tokens > self.max_tokens_per_example:
+                return (f"examples[{i}] has {tokens} tokens; the limit is {self.max_tokens_per_example} "
+                        "per example: shorten its context")
+            total += tokens
+        if total > self.max_tokens_per_request:
+            return (f"the request has {total} tokens; the limit is {self.max_tokens_per_request} per request: "
+                    "split the examples over several requests")
+        return None
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ExampleBody(_Body):
@@ -34,9 +69,13 @@ class ExampleBody(_Body):
             raise ValueError("a preference pair needs both chosen_ids and rejected_ids")
         return self
 
+    def token_lists(self) -> list[TokenIds]:
+        return [ids for ids in (self.context_ids, self.continuation_ids, self.chosen_ids, self.rejected_ids)
+                if ids is not None]
+
 
 class TrainBody(_Body):
-    examples: list[ExampleBody] = Field(min_length=1, max_length=256)
+    examples: list[ExampleBody] = Field(min_length=1)
     loss: Literal["sft", "orpo", "dpo"] = "sft"
     lr: float | None = Field(default=None, gt=0, le=1)
     dry_run: bool = False
@@ -62,7 +101,7 @@ class CheckpointBody(_Body):
 
 
 class RollbackBody(_Body):
-    generation: StrictInt
+    generation: StrictInt = Field(ge=0)
     timeout_s: float = Field(default=600.0, gt=0, le=3600)
 
 

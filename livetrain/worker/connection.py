@@ -1,6 +1,12 @@
 """Talking to the training worker: an asyncio connection for the routes, a blocking call
 for launchers and tests. Both are ZMQ DEALER sockets, so many requests can be in flight
-on one connection and replies are matched to requests by id."""
+on one connection and replies are matched to requests by id.
+
+The asyncio connection knows whether the worker is there (ZMQ's socket monitor reports
+each completed handshake and each disconnect): while it is not (starting, or being
+restarted by the supervisor) requests fail at once with ``service_unavailable_error``,
+and a request in flight when the worker goes away fails with it too, rather than
+waiting for its timeout or being delivered to the next worker."""
 
 from __future__ import annotations
 
@@ -11,11 +17,14 @@ from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from livetrain.worker import protocol
 from livetrain.worker.protocol import WorkerError
 
 log = logging.getLogger(__name__)
+CONNECT_GRACE_S = 1.0  # a request waits this long for a handshake before it is refused
+LIVENESS_POLL_S = 0.25
 
 
 def _timeout_error(op: str, request_id: str, timeout_s: float) -> WorkerError:
@@ -38,9 +47,40 @@ class WorkerConnection:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)  # never queue a request for a worker not yet there
+        monitor = self._socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._monitor = monitor
+        self._events = zmq.Socket.shadow(monitor.underlying)  # read without awaiting
         self._socket.connect(address)
+        self.connected = False
+        self._disconnects = 0
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._receiver: asyncio.Task[None] | None = None
+
+    def _read_events(self) -> None:
+        """Apply the monitor's queued events to :attr:`connected`."""
+        while True:
+            try:
+                event = parse_monitor_message(self._events.recv_multipart(zmq.NOBLOCK))["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+                self._disconnects += 1
+
+    async def _wait_connected(self, op: str) -> None:
+        self._read_events()
+        waited = 0.0
+        while not self.connected and waited < CONNECT_GRACE_S:
+            await asyncio.sleep(0.05)
+            waited += 0.05
+            self._read_events()
+        if not self.connected:
+            raise WorkerError(f"the training worker is not running (starting, or being restarted after it "
+                              f"stopped), so {op} cannot run now; inference is unaffected. Retry in a few "
+                              "seconds", protocol.UNAVAILABLE, code="worker_unavailable")
 
     async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout_s: float = 30.0,
                    request_id: str | None = None) -> dict[str, Any]:
@@ -49,14 +89,29 @@ class WorkerConnection:
         The worker is told the deadline, so a request still queued when it passes is
         dropped there instead of running after its caller gave up.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         message = protocol.request(op, args, request_id=request_id, deadline=time.time() + timeout_s)
+        await self._wait_connected(op)
         if self._receiver is None or self._receiver.done():
-            self._receiver = asyncio.get_running_loop().create_task(self._receive())
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            self._receiver = loop.create_task(self._receive())
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[message["id"]] = future
+        disconnects = self._disconnects
         try:
-            await self._socket.send(protocol.encode(message))
-            reply = await asyncio.wait_for(future, timeout_s)
+            await asyncio.wait_for(self._socket.send(protocol.encode(message)), max(deadline - loop.time(), 0))
+            while not future.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait({future}, timeout=min(left, LIVENESS_POLL_S))
+                self._read_events()
+                if not future.done() and self._disconnects != disconnects:
+                    raise WorkerError(
+                        f"the training worker stopped while {op} request {message['id']} was queued or running; "
+                        "its result is lost. Retry once "
+                        "GET /train/status answers", protocol.UNAVAILABLE, code="worker_stopped")
+            reply = future.result()
         except asyncio.TimeoutError:
             raise _timeout_error(op, message["id"], timeout_s) from None
         finally:
@@ -79,6 +134,9 @@ class WorkerConnection:
     def close(self) -> None:
         if self._receiver is not None:
             self._receiver.cancel()
+        self._socket.disable_monitor()
+        self._events.close()
+        self._monitor.close()
         self._socket.close()
         self._context.term()
 

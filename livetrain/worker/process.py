@@ -28,7 +28,7 @@ import torch
 
 from livetrain.checkpoint import GenerationNotFoundError
 from livetrain.train.data import DataFormatError, Example, SFTExample, parse_record
-from livetrain.train.step import InvalidExampleError, StepOptions
+from livetrain.train.step import InvalidExampleError, StepOptions, validate_examples
 from livetrain.worker import protocol
 from livetrain.worker.connection import call_worker
 from livetrain.worker.protocol import WorkerError
@@ -53,6 +53,7 @@ def session_handlers(session: TrainingSession, server_status: Handler) -> dict[s
         if not isinstance(example, SFTExample):
             raise WorkerError("give context_ids and continuation_ids", protocol.INVALID_REQUEST)
         with _invalid_as_request_error():
+            validate_examples(session.model, [example], "sft")
             values = session.logprobs(example.context_ids, example.continuation_ids)
         return {"logprobs": values, "sum": sum(values), "tokens": len(values),
                 "weights_version": session.weights_version}
@@ -61,8 +62,17 @@ def session_handlers(session: TrainingSession, server_status: Handler) -> dict[s
         return {**session.status(), **server_status(args), "pid": os.getpid()}
 
     def rollback(args: dict[str, Any]) -> dict[str, Any]:
+        to = args.get("generation")
+        if not isinstance(to, int) or isinstance(to, bool):
+            raise WorkerError("generation must be an integer", protocol.INVALID_REQUEST, param="generation")
+        reachable = session.directory.reachable()
+        if not session.dirty and to not in reachable:
+            # Refused before rollback's own sync, so a bad request leaves no trace in the directory.
+            raise WorkerError(f"cannot roll back to generation {to}: the generations that can be restored "
+                              f"are {sorted(reachable)} (GET /checkpoint lists them)", protocol.NOT_FOUND,
+                              param="generation")
         try:
-            return session.rollback(int(args["generation"]))
+            return session.rollback(to)
         except GenerationNotFoundError as exc:
             raise WorkerError(str(exc), protocol.NOT_FOUND, param="generation") from None
 
@@ -123,6 +133,12 @@ def run_worker(model_dir: str | os.PathLike, address: str, *, optimizer: str = "
     session = TrainingSession.open(model_dir, optimizer=optimizer, train_modules=train_modules,
                                    model=model, lr=lr, sync_interval_s=sync_interval_s, probe=probe,
                                    holder="livetrain serve (training worker)")
+    if model is not None:
+        # The served weights may hold steps the directory lacks (a previous worker died
+        # before its sync): sync on schedule and at exit; unchanged blocks cost nothing.
+        session.dirty = True
+        if session.scheduler is not None:
+            session.scheduler.mark_dirty()
     parent = os.getppid()
     try:
         server = WorkerServer(address, {})
