@@ -174,7 +174,9 @@ class TrainingSession:
         Raises ``InvalidExampleError`` (before any computation) for an example the
         step cannot train on.
         """
-        options = options or StepOptions()
+        # Every update is measured before it can be served: a non-finite one is undone
+        # by the step, and the norm goes into the report.
+        options = dataclasses.replace(options or StepOptions(), measure_update=True)
         dry_run = options.dry_run
         with self._mutex:
             self._check_open()
