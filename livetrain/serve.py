@@ -10,6 +10,7 @@ one thread by default, since it runs only while `/train` has work).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from livetrain.vllm_plugin.launcher import VllmLaunch, check_supported, start_vllm, stop_vllm, wait_until_ready
 from livetrain.vllm_plugin.plugins import check_access_rule
@@ -47,6 +48,7 @@ class ServeOptions:
     kv_cache_gib: float = 1.0
     trainer_threads: int = 1
     max_probe_drift: float = 0.5
+    max_worker_restarts: int = 5
     vllm_args: Sequence[str] = field(default_factory=tuple)
 
 
@@ -63,6 +65,7 @@ class LiveServer:
         self.launch: VllmLaunch | None = None
         self.vllm: subprocess.Popen | None = None
         self.worker: WorkerProcess | None = None
+        self.worker_restarts = 0
 
     @property
     def base_url(self) -> str:
@@ -93,15 +96,21 @@ class LiveServer:
         self.vllm = start_vllm(self.launch, vllm_log)
         seconds = wait_until_ready(self.launch, self.vllm, vllm_log)
         self.say(f"vLLM ready after {seconds:.0f} s; starting the training worker")
-        self.worker = WorkerProcess.start(
-            self.model_dir, optimizer=options.optimizer, train_modules=options.train_modules,
-            lr=options.lr, sync_interval_s=options.sync_interval_s, threads=options.trainer_threads,
-            max_probe_drift=options.max_probe_drift, shared_copy=self.shm_dir,
-            runtime_dir=self.runtime_dir, log_path=self.log_dir / "worker.log")
+        self.worker = self._start_worker()
         total = time.monotonic() - started
         self.say(f"ready after {total:.0f} s: OpenAI API at {self.base_url}/v1, "
                  f"training at {self.base_url}/train")
         return total
+
+    def _start_worker(self) -> WorkerProcess:
+        """The training worker on the shared copy, at the address vLLM's plugin was given.
+        It restores the optimizer state saved in the directory (at each sync)."""
+        options = self.options
+        return WorkerProcess.start(
+            self.model_dir, optimizer=options.optimizer, train_modules=options.train_modules,
+            lr=options.lr, sync_interval_s=options.sync_interval_s, threads=options.trainer_threads,
+            max_probe_drift=options.max_probe_drift, shared_copy=self.shm_dir,
+            runtime_dir=self.runtime_dir, log_path=self.log_dir / "worker.log")
 
     def _token_file(self) -> Path | None:
         """The admin token as a file the plugin reads: --admin-token-file, or
@@ -120,29 +129,56 @@ class LiveServer:
             f.write(token)
         return path
 
+    def check(self) -> int | None:
+        """One supervision round: restart a training worker that died; the exit status if
+        vLLM died (then the worker is still up: :meth:`stop` syncs what it applied)."""
+        if self.vllm.poll() is not None:
+            self.say(f"vLLM exited with status {self.vllm.returncode} "
+                     f"(log: {self.log_dir / 'vllm.log'}); syncing what was trained, then exiting")
+            return 1
+        if self.worker.popen.poll() is not None:
+            status = self.worker.popen.returncode
+            self.worker_restarts += 1
+            if self.worker_restarts > self.options.max_worker_restarts:
+                self.say(f"the training worker exited with status {status} and was already restarted "
+                         f"{self.options.max_worker_restarts} times (log: {self.log_dir / 'worker.log'})")
+                return 1
+            self.say(f"the training worker exited with status {status} (log: {self.log_dir / 'worker.log'}); "
+                     "inference goes on, training answers 503 until it is back: restarting it")
+            started = time.monotonic()
+            self.worker = self._start_worker()
+            self.say(f"training available again after {time.monotonic() - started:.1f} s")
+        return None
+
     def supervise(self) -> int:
-        """Block until a signal (clean stop, exit 0) or until a side dies (exit 1)."""
-        stop = {"signal": None}
+        """Block until a signal (clean stop, exit 0) or until vLLM dies (exit 1). A training
+        worker that dies is restarted (up to ``max_worker_restarts`` times)."""
+        with self._signals_stop() as stop:
+            while stop["signal"] is None:
+                status = self.check()
+                if status is not None:
+                    return status
+                time.sleep(0.5)
+            self.say("stopping: syncing the checkpoint, then stopping vLLM")
+            return 0
+
+    @contextlib.contextmanager
+    def _signals_stop(self) -> Iterator[dict[str, int | None]]:
+        """SIGINT/SIGTERM set ``stop["signal"]``; a second one ends vLLM and this process at
+        once (the worker, orphaned, finishes its step and syncs; syncs are crash-consistent)."""
+        stop: dict[str, int | None] = {"signal": None}
 
         def on_signal(signum: int, frame: object) -> None:
-            if stop["signal"] is not None:  # a second signal: exit now; syncs are crash-consistent
+            if stop["signal"] is not None:
+                if self.vllm is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.vllm.pid, signal.SIGKILL)
                 os._exit(128 + signum)
             stop["signal"] = signum
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while stop["signal"] is None:
-                if self.vllm.poll() is not None:
-                    self.say(f"vLLM exited with status {self.vllm.returncode} "
-                             f"(log: {self.log_dir / 'vllm.log'}); syncing what was trained")
-                    return 1
-                if self.worker.popen.poll() is not None:
-                    self.say(f"the training worker exited with status {self.worker.popen.returncode} "
-                             f"(log: {self.log_dir / 'worker.log'})")
-                    return 1
-                time.sleep(0.5)
-            self.say("stopping: syncing the checkpoint, then stopping vLLM")
-            return 0
+            yield stop
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -173,7 +209,12 @@ class LiveServer:
 
 def serve(options: ServeOptions) -> int:
     """Run until Ctrl-C or SIGTERM; the exit status of `livetrain serve`."""
-    with LiveServer(options) as server:
-        status = server.supervise()
+    server = LiveServer(options)
+    with server._signals_stop() as stop:  # also while starting and while stopping
+        try:
+            server.start()
+            status = 0 if stop["signal"] is not None else server.supervise()
+        finally:
+            server.stop()
     return status
 

@@ -1,0 +1,179 @@
+"""`livetrain serve` under failure, against a real vLLM on a tiny model: the training
+worker SIGKILLed (inference goes on, training answers 503, the supervisor restarts it
+with its optimizer state), then vLLM's engine SIGKILLed (serve exits non-zero, the
+applied steps are in the directory, it verifies, nothing is left running)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from livetrain.checkpoint.commands import checkpoint_verify
+from livetrain.serve import ADMIN_TOKEN_ENV, LiveServer, ServeOptions
+from livetrain.vllm_plugin.plugins import AccessRuleError
+from livetrain.weights import open_shared_copy
+from tests.session_helpers import example, wire
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+TOKEN = "serve-failures-token"
+ROUTES = [("POST", "/train"), ("POST", "/train/logprobs"), ("GET", "/train/status"),
+          ("POST", "/checkpoint"), ("GET", "/checkpoint"), ("POST", "/rollback")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(base: str, method: str, path: str, body: dict | None = None, token: str | None = TOKEN,
+         timeout: float = 300) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of one request; HTTP errors are returned, not raised."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if method == "GET" else json.dumps(body or {}).encode()
+    request = urllib.request.Request(base + path, data, headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error), dict(error.headers)
+
+
+def stream_completion(base: str, model: str, out: dict) -> None:
+    """A streaming completion; ``out`` gets its frames and whether it ended with [DONE]."""
+    body = {"model": model, "prompt": [1, 504, 1345, 314], "max_tokens": 120, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    request = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    frames = []
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            for line in response:
+                line = line.decode().strip()
+                if line.startswith("data: "):
+                    frames.append(line[len("data: "):])
+    except Exception as exc:  # the assertion below reports it
+        out["error"] = repr(exc)
+    out["frames"] = frames
+
+
+def running(pids: set[int], pgid: int) -> list[psutil.Process]:
+    """Live (not zombie) processes among ``pids`` or in process group ``pgid``."""
+    alive = []
+    for process in psutil.process_iter(["pid", "status"]):
+        try:
+            if (process.pid in pids or os.getpgid(process.pid) == pgid) and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    return alive
+
+
+def train_body(i: int) -> dict:
+    return {"examples": [wire(example(i))], "lr": 1e-2}
+
+
+def test_refuses_a_public_address_without_an_admin_token(tmp_path, tokenizer_dir, monkeypatch):
+    from tests.vllm_layouts import write_vllm_tiny_model
+
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    model_dir = write_vllm_tiny_model(tmp_path / "model", "llama", tokenizer_dir)
+    server = LiveServer(ServeOptions(model_dir=model_dir, host="0.0.0.0", port=free_port()), say=lambda _: None)
+    with pytest.raises(AccessRuleError, match="--admin-token-file"):
+        server.start()
+    server.stop()
+    assert server.vllm is None and not server.shm_dir.exists()
+
+
+def test_worker_and_vllm_deaths(tmp_path, tokenizer_dir, monkeypatch):
+    from tests.vllm_layouts import write_vllm_tiny_model
+
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    model_dir = write_vllm_tiny_model(tmp_path / "model", "llama", tokenizer_dir)
+    options = ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0,
+                           vllm_args=("--enforce-eager", "--max-model-len", "256"))
+    messages: list[str] = []
+    server = LiveServer(options, say=messages.append)
+    server.start()
+    base = server.base_url
+    try:
+        # Auth on every route, through vLLM's own server; vLLM's limits still answer 4xx.
+        for method, path in ROUTES:
+            for token in (None, "wrong-token"):
+                status, body, headers = call(base, method, path, token=token)
+                assert status == 401 and body["error"]["type"] == "authentication_error", (path, token)
+        status, body, _ = call(base, "POST", "/v1/completions",
+                               {"model": str(model_dir), "prompt": "hi", "max_tokens": 10**6}, token=None)
+        assert status == 400 and "error" in body
+
+        for i in range(2):
+            status, body, _ = call(base, "POST", "/train", train_body(i))
+            assert status == 200 and body["applied"], body
+        assert call(base, "POST", "/checkpoint")[0] == 200  # saves the optimizer state too
+
+        # The training worker dies while a completion streams.
+        streamed: dict = {}
+        streamer = threading.Thread(target=stream_completion, args=(base, str(model_dir), streamed))
+        streamer.start()
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        server.worker.popen.send_signal(signal.SIGKILL)
+        server.worker.popen.wait()
+        status, body, headers = call(base, "POST", "/train", train_body(3))
+        assert status == 503 and "not running" in body["error"]["message"], body
+        assert "retry-after" in {k.lower() for k in headers}
+        assert call(base, "GET", "/train/status")[0] == 503
+        assert server.check() is None  # restarts the worker
+        status, body, _ = call(base, "POST", "/train", train_body(3))
+        back_after = time.monotonic() - killed_at
+        assert status == 200 and body["applied"], body
+        streamer.join()
+        assert "error" not in streamed and streamed["frames"][-1] == "[DONE]", streamed
+        assert all("error" not in json.loads(f) for f in streamed["frames"][:-1])
+        state = call(base, "GET", "/train/status")[1]
+        assert state["optimizer_state"] == "restored (2 steps)", state
+        assert any("restarting" in m for m in messages)
+        print(f"training available again {back_after:.1f} s after the worker's SIGKILL")
+
+        # vLLM's engine dies after an applied, unsynced step.
+        status, body, _ = call(base, "POST", "/train", train_body(4))
+        assert status == 200 and body["applied"]
+        _, served = open_shared_copy(server.shm_dir)
+        qkv = served["model.layers.0.self_attn.qkv_proj.weight"].clone()
+        api_server = psutil.Process(server.vllm.pid)
+        engines = [p for p in api_server.children(recursive=True) if p.pid != server.worker.popen.pid]
+        assert engines
+        for process in engines:
+            process.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while (status := server.check()) is None:
+            assert time.monotonic() < deadline, "vLLM did not exit after its engine was killed"
+            time.sleep(0.5)
+        assert status == 1 and any("vLLM exited" in m for m in messages)
+    finally:
+        worker_pid = server.worker.popen.pid if server.worker else None
+        vllm_pgid = server.vllm.pid if server.vllm else None
+        server.stop()
+
+    assert checkpoint_verify(model_dir)["ok"]
+    from safetensors.torch import load_file
+
+    files = load_file(model_dir / "model.safetensors")
+    q_rows = files["model.layers.0.self_attn.q_proj.weight"].shape[0]
+    assert torch.equal(files["model.layers.0.self_attn.q_proj.weight"], qkv[:q_rows])  # nothing applied was lost
+    assert not running({worker_pid}, vllm_pgid)
+    assert not server.shm_dir.exists() and not Path(server.runtime_dir).exists()
