@@ -164,3 +164,36 @@ def test_side_channels_are_private(served):
     files = [p for p in shared.iterdir() if p.is_file()]
     assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
     assert stat.S_IMODE(shared.stat().st_mode) & 0o077 == 0
+
+
+def test_refreshes_of_the_served_weights_never_overlap(tmp_path, tokenizer_dir):
+    """Steps that finish close together publish one after another (vLLM's weight-update
+    API refuses a second update while one is active)."""
+    import asyncio
+
+    model_dir = tiny_dir(tmp_path / "model", tokenizer_dir)
+    process = WorkerProcess.start(model_dir, threads=1, sync_interval_s=3600, max_probe_drift=0)
+    active, overlaps, published = [0], [0], []
+
+    async def on_weights_changed(names: list[str], version: int) -> None:
+        active[0] += 1
+        overlaps[0] += active[0] > 1
+        await asyncio.sleep(0.3)
+        published.append(version)
+        active[0] -= 1
+
+    app = FastAPI()
+    app.include_router(router)
+    try:
+        with TestClient(app) as http:
+            routes = TrainingRoutes(WorkerConnection(process.address), on_weights_changed=on_weights_changed)
+            routes.install(app.state)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(4) as pool:
+                statuses = list(pool.map(lambda i: http.post("/train", json={"examples": [wire(example(i))]})
+                                         .status_code, range(4)))
+            routes.worker.close()
+    finally:
+        process.stop()
+    assert statuses == [200] * 4 and overlaps[0] == 0 and sorted(published) == [1, 2, 3, 4]

@@ -60,6 +60,9 @@ class TrainingRoutes:
     on_weights_changed: WeightsChangedHook | None = None
     max_queue: int = 8
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
+    # One refresh of the served weights at a time: vLLM's weight-update API refuses a
+    # second start_weight_update while one is active (steps finishing close together).
+    refresh_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     in_flight: int = 0
     last_step_seconds: float = 1.0
 
@@ -164,7 +167,8 @@ async def _publish(routes: TrainingRoutes, result: dict[str, Any], request_id: s
     if not changed or routes.on_weights_changed is None:
         return
     try:
-        await routes.on_weights_changed(changed, result["weights_version"])
+        async with routes.refresh_lock:
+            await routes.on_weights_changed(changed, result["weights_version"])
     except Exception as exc:
         log.exception("refreshing the served weights failed after request %s", request_id)
         raise _Refused(error_response(
