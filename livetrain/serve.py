@@ -173,6 +173,10 @@ class LiveServer:
                 if self.vllm is not None:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(self.vllm.pid, signal.SIGKILL)
+                # The worker keeps its mapping of the shared copy until it has synced.
+                remove_shared_copy(self.shm_dir)
+                if self.runtime_dir is not None:
+                    shutil.rmtree(self.runtime_dir, ignore_errors=True)
                 os._exit(128 + signum)
             stop["signal"] = signum
 

@@ -205,8 +205,30 @@ def test_an_injected_non_finite_update_is_not_applied(tiny_model_dir, monkeypatc
             with torch.no_grad():
                 next(iter(session.optimizer.param_groups[0]["params"])).view(-1)[0] = float("nan")
 
+        session.train([example(1)])  # the optimizer has state to protect
+        before = trained(session)
+        state_before = copy.deepcopy(session.optimizer.state_dict())
         monkeypatch.setattr(session.optimizer, "step", poisoned_step)
         report = session.train([example(0)])
         assert not report.applied and "non-finite update" in report.reason
         assert all(torch.equal(before[n], t) for n, t in trained(session).items())
-        assert report.weights_version == 0
+        assert report.weights_version == 1
+        assert_same_state(session.optimizer.state_dict(), state_before)
+        monkeypatch.undo()
+        assert session.train([example(0)]).applied
+
+
+def assert_same_state(actual, expected) -> None:
+    """Optimizer state dicts equal value for value (tensors bit for bit)."""
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(actual, expected)
+    elif isinstance(expected, dict):
+        assert actual.keys() == expected.keys()
+        for key in expected:
+            assert_same_state(actual[key], expected[key])
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            assert_same_state(a, e)
+    else:
+        assert actual == expected

@@ -34,8 +34,9 @@ def test_command_uses_the_launcher_entry_and_the_worker_extension(tmp_path):
     assert command[command.index("--worker-extension-cls") + 1] == "livetrain.vllm_plugin.extension.LivetrainWorkerExtension"
     assert json.loads(command[command.index("--weight-transfer-config") + 1]) == {"backend": "livetrain_shm"}
     assert command[-2:] == ["--dtype", "bfloat16"]
-    with pytest.raises(ValueError):
-        vllm_command(VllmLaunch(tmp_path, launch.settings, extra_args=["--worker-extension-cls=x.Y"]))
+    for taken in (["--worker-extension-cls=x.Y"], ["--port", "9000"], ["--host=0.0.0.0"], ["--model", "other"]):
+        with pytest.raises(UnsupportedVllmConfig, match="set by livetrain"):
+            vllm_command(VllmLaunch(tmp_path, launch.settings, extra_args=taken))
 
 
 @pytest.mark.parametrize("args", [["-tp", "2"], ["--data-parallel-size=2"], ["--api-server-count", "3"]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import urllib.request
 from pathlib import Path
@@ -77,3 +78,4 @@ def test_train_through_vllm_next_request_sees_it_and_rollback_restores(tmp_path,
             worker.stop()
         stop_vllm(vllm)
         remove_shared_copy(shm_dir)
+        shutil.rmtree(runtime_dir)

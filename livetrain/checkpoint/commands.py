@@ -17,17 +17,20 @@ from livetrain.checkpoint.generations import DEFAULT_KEEP_GENERATIONS, ModelDire
 
 def checkpoint_status(model_dir: str | os.PathLike) -> dict:
     """Latest generation, reachable generations, undo bytes kept, interrupted syncs."""
-    return ModelDirectory.open(model_dir, read_only=True).status()
+    with ModelDirectory.open(model_dir, read_only=True) as directory:
+        return directory.status()
 
 
 def checkpoint_log(model_dir: str | os.PathLike) -> list[dict]:
     """Every kept generation, oldest first (time, bytes written, tensors and checksums)."""
-    return [asdict(g) for g in ModelDirectory.open(model_dir, read_only=True).generations()]
+    with ModelDirectory.open(model_dir, read_only=True) as directory:
+        return [asdict(g) for g in directory.generations()]
 
 
 def checkpoint_verify(model_dir: str | os.PathLike) -> dict:
     """Re-read every tensor; `ok` is False and `problems` name file and tensor on damage."""
-    report = ModelDirectory.open(model_dir, read_only=True).verify()
+    with ModelDirectory.open(model_dir, read_only=True) as directory:
+        report = directory.verify()
     return {"ok": report.ok, **asdict(report)}
 
 

@@ -76,9 +76,10 @@ class VllmLaunch:
 
 def vllm_command(launch: VllmLaunch, python: str = sys.executable) -> list[str]:
     """The command line that starts vLLM's OpenAI-compatible server with livetrain's worker extension."""
-    for flag in ("--worker-extension-cls", "--weight-transfer-config"):
+    for flag in ("--worker-extension-cls", "--weight-transfer-config", "--model", "--host", "--port"):
         if any(arg == flag or arg.startswith(flag + "=") for arg in launch.extra_args):
-            raise ValueError(f"{flag} is set by livetrain; remove it from the vLLM arguments")
+            raise UnsupportedVllmConfig(f"{flag} is set by livetrain (use `livetrain serve`'s own "
+                                        "--model/--host/--port); remove it from the vLLM arguments")
     check_supported(launch.extra_args)
     return [python, "-m", ENTRY_MODULE, "--model", str(launch.model_dir),
             "--host", launch.host, "--port", str(launch.port),

@@ -91,9 +91,12 @@ class ServedModel:
         try:
             if params:
                 await self.engine.start_weight_update()
-                await self.engine.update_weights(WeightTransferUpdateRequest(update_info={"params": params}))
-                await self.engine.finish_weight_update(
-                    weight_version=None if weights_version is None else str(weights_version))
+                try:
+                    await self.engine.update_weights(WeightTransferUpdateRequest(update_info={"params": params}))
+                finally:
+                    # Always close the update: vLLM refuses every later start while one is open.
+                    await self.engine.finish_weight_update(
+                        weight_version=None if weights_version is None else str(weights_version))
             reset = await self.reset_prefix_cache()
         finally:
             if consistent:

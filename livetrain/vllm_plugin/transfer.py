@@ -69,8 +69,11 @@ class SharedCopyTransferEngine(WeightTransferEngine[SharedCopyInitInfo, SharedCo
         if unknown:
             raise ValueError(f"not vLLM parameters of this model: {unknown[:3]}")
         initialize_layerwise_reload(self.model)
-        self.model.load_weights(self._checkpoint_tensors(update_info.params))
-        finalize_layerwise_reload(self.model, self.model_config)
+        try:
+            self.model.load_weights(self._checkpoint_tensors(update_info.params))
+        finally:
+            # Never leave layers on the meta device: the next forward pass would fail.
+            finalize_layerwise_reload(self.model, self.model_config)
         self._reprocess_tied_modules(update_info.params)
 
     def finish_weight_update(self) -> None:

@@ -205,9 +205,10 @@ def worker_address(runtime_dir: str | os.PathLike) -> str:
 class WorkerProcess:
     """A training worker started as a child process, reachable at :attr:`address`."""
 
-    def __init__(self, popen: subprocess.Popen, runtime_dir: Path) -> None:
+    def __init__(self, popen: subprocess.Popen, runtime_dir: Path, owns_runtime_dir: bool) -> None:
         self.popen = popen
         self.runtime_dir = runtime_dir
+        self.owns_runtime_dir = owns_runtime_dir  # remove it on stop (a caller's is left alone)
         self.address = worker_address(runtime_dir)
 
     @classmethod
@@ -225,7 +226,8 @@ class WorkerProcess:
         ``--shared-copy``). ``log_path``: append the worker's output there instead of
         inheriting this process's.
         """
-        runtime_dir = Path(runtime_dir) if runtime_dir is not None else new_runtime_dir()
+        owns_runtime_dir = runtime_dir is None
+        runtime_dir = new_runtime_dir() if owns_runtime_dir else Path(runtime_dir)
         command = [sys.executable, "-m", "livetrain.worker", "--model-dir", str(model_dir),
                    "--address", worker_address(runtime_dir), "--optimizer", optimizer,
                    "--train-modules", train_modules, "--sync-interval", str(sync_interval_s),
@@ -242,7 +244,7 @@ class WorkerProcess:
             with open(log_path, "ab") as log_file:
                 popen = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
-        worker = cls(popen, runtime_dir)
+        worker = cls(popen, runtime_dir, owns_runtime_dir)
         try:
             worker.wait_ready(ready_timeout_s)
         except BaseException:
@@ -278,5 +280,6 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if self.owns_runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
         return self.popen.returncode

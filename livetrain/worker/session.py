@@ -181,8 +181,15 @@ class TrainingSession:
         with self._mutex:
             self._check_open()
             undo = self._undo_point() if self.probe is not None and not dry_run else None
+            # The step restores the weights after a non-finite update; the optimizer's moments
+            # have advanced by then (and may be non-finite), so their pre-step copy goes back too.
+            state_before = None if dry_run else (
+                undo[1] if undo is not None else copy.deepcopy(self.optimizer.state_dict()))
             result = train_step(self.model, self.optimizer, list(examples), options,
                                 context_cache=self.context_cache)
+            if not result.applied and state_before is not None and self.optimizer.state \
+                    and (result.reason or "").startswith("non-finite update"):
+                self.optimizer.load_state_dict(state_before)
             probe_drift = None
             if result.applied and undo is not None:
                 probe_drift = self._check_probe(result, *undo)
