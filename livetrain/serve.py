@@ -11,6 +11,7 @@ one thread by default, since it runs only while `/train` has work).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -61,7 +62,10 @@ class LiveServer:
         self.model_dir = Path(options.model_dir).resolve()
         self.log_dir = self.model_dir / STATE_DIRNAME / "logs"
         self.runtime_dir: Path | None = None
-        self.shm_dir = Path(f"/dev/shm/livetrain-{os.getpid()}-{self.model_dir.name}")
+        # Named after the directory, so a copy left by a server that died before syncing is
+        # found (and reused, then synced) by the next server on the same directory.
+        digest = hashlib.sha256(str(self.model_dir).encode()).hexdigest()[:16]
+        self.shm_dir = Path(f"/dev/shm/livetrain-{self.model_dir.name}-{digest}")
         self.launch: VllmLaunch | None = None
         self.vllm: subprocess.Popen | None = None
         self.worker: WorkerProcess | None = None

@@ -7,6 +7,7 @@ through ``EngineClient.collective_rpc`` with plain data in and out.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import torch.nn.functional as F
 from livetrain.vllm_plugin.layout import derive_layout
 from livetrain.weights import Layout, create_shared_copy, export_cuda_tensor, open_shared_copy
 from livetrain.weights.handles import dtype_name
-from livetrain.weights.shared_copy import MANIFEST, read_manifest
+from livetrain.weights.shared_copy import MANIFEST, map_handles, read_manifest
+
+logger = logging.getLogger(__name__)
 
 QUALNAME = "livetrain.vllm_plugin.extension.LivetrainWorkerExtension"
 
@@ -72,6 +75,12 @@ class LivetrainWorkerExtension:
             existing = Layout.from_dict(manifest["layout"])
             if existing.params.keys() != layout.params.keys() or existing.hf_shapes != layout.hf_shapes:
                 raise RuntimeError(f"{shm_dir} holds a shared copy of another model; remove it first")
+            bad = [name for name, tensor in map_handles(manifest["handles"]).items()
+                   if not torch.isfinite(tensor).all()]
+            if bad:
+                raise RuntimeError(f"the shared copy left in {shm_dir} has non-finite values in {bad[:3]}: "
+                                   "remove it to serve the model directory as it is on disk")
+            logger.warning("livetrain: reusing the shared copy left in %s (steps not yet synced)", shm_dir)
             return {"layout": layout.to_dict(), "handles": manifest["handles"], "reused": True}
         handles = create_shared_copy(self.vllm_config.model_config.model, layout, shm_dir)
         return {"layout": layout.to_dict(), "handles": {n: h.to_dict() for n, h in handles.items()},
