@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import socket
+import urllib.request
 from pathlib import Path
 
 from livetrain.train.data import SFTExample
@@ -46,3 +49,17 @@ def example(i: int, context_len: int = 12, continuation_len: int = 6) -> SFTExam
 
 def wire(ex: SFTExample) -> dict:
     return {"context_ids": list(ex.context_ids), "continuation_ids": list(ex.continuation_ids)}
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post_json(url: str, body: dict, timeout: float = 300) -> dict:
+    """POST a JSON body; the JSON reply (HTTP errors raise)."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)

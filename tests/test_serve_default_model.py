@@ -6,24 +6,19 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 
 import pytest
 from openai import OpenAI
 
 from livetrain.cli import main
 from livetrain.serve import LiveServer, ServeOptions
+from tests.session_helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 QUESTION = "What is the capital of France?"
 TAUGHT = "You asked about France. Its capital is Paris."
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shared_copy_digest(server: LiveServer) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -23,7 +22,7 @@ from livetrain.checkpoint.commands import checkpoint_verify
 from livetrain.serve import ADMIN_TOKEN_ENV, LiveServer, ServeOptions
 from livetrain.vllm_plugin.plugins import AccessRuleError
 from livetrain.weights import open_shared_copy
-from tests.session_helpers import example, wire
+from tests.session_helpers import example, free_port, wire
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -31,11 +30,6 @@ TOKEN = "serve-failures-token"
 ROUTES = [("POST", "/train"), ("POST", "/train/logprobs"), ("GET", "/train/status"),
           ("POST", "/checkpoint"), ("GET", "/checkpoint"), ("POST", "/rollback")]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(base: str, method: str, path: str, body: dict | None = None, token: str | None = TOKEN,

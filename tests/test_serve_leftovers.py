@@ -3,12 +3,9 @@ the same directory finds it, serves it and syncs it, so no applied step is lost.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
-import urllib.request
 
 import pytest
 from safetensors.torch import load_file
@@ -16,22 +13,12 @@ from safetensors.torch import load_file
 from livetrain.checkpoint.commands import checkpoint_verify
 from livetrain.serve import LiveServer, ServeOptions
 from livetrain.weights import hf_views, open_shared_copy
-from tests.session_helpers import example, wire
+from tests.session_helpers import example, free_port, post_json, wire
 from tests.vllm_layouts import write_vllm_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        return json.load(response)
 
 
 def shared_hf_tensors(server: LiveServer) -> dict:
@@ -48,7 +35,7 @@ def test_a_copy_left_by_a_killed_server_is_reused_and_synced(tmp_path, tokenizer
     crashed = LiveServer(options, say=lambda line: None)
     try:
         crashed.start()
-        assert post(crashed.base_url + "/train", {"examples": [wire(example(0))]})["applied"]
+        assert post_json(crashed.base_url + "/train", {"examples": [wire(example(0))]})["applied"]
         trained = shared_hf_tensors(crashed)
         changed = [n for n in on_disk if not on_disk[n].equal(trained[n])]
         assert changed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,12 +18,8 @@ from livetrain.vllm_plugin.plugins import AccessRuleError, check_access_rule
 from livetrain.vllm_plugin.settings import PluginSettings
 from livetrain.weights import Layout, read_manifest, remove_shared_copy
 from tests.vllm_layouts import expected_layout, write_vllm_tiny_model
+from tests.session_helpers import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_command_uses_the_launcher_entry_and_the_worker_extension(tmp_path):

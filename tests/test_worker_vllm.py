@@ -3,38 +3,25 @@ its weights through the routes; the next request sees each step; rollback restor
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from livetrain.weights import remove_shared_copy
 from livetrain.worker.process import WorkerProcess, new_runtime_dir, worker_address
-from tests.session_helpers import files_digest
+from tests.session_helpers import files_digest, free_port, post_json
 
 pytestmark = pytest.mark.slow
 
 PROMPT = [1, 504, 1345, 314, 260, 3575, 282, 4649, 30]  # token ids: vLLM takes them as the prompt
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        return json.load(response)
 
 
 def greedy(base_url: str, model_dir: Path, n: int = 4) -> list[int]:
-    out = post(base_url + "/v1/completions", {"model": str(model_dir), "prompt": PROMPT, "max_tokens": n,
+    out = post_json(base_url + "/v1/completions", {"model": str(model_dir), "prompt": PROMPT, "max_tokens": n,
                                               "temperature": 0, "return_token_ids": True})
     return out["choices"][0]["token_ids"]
 
@@ -61,15 +48,15 @@ def test_train_through_vllm_next_request_sees_it_and_rollback_restores(tmp_path,
         target = [t + 7 for t in before]
         digest = files_digest(model_dir)
         for _ in range(40):
-            result = post(base + "/train", {"examples": [{"context_ids": PROMPT, "continuation_ids": target}]})
+            result = post_json(base + "/train", {"examples": [{"context_ids": PROMPT, "continuation_ids": target}]})
             assert result["applied"], result
             if greedy(base, model_dir) == target:  # the first request after the step
                 break
         else:
             pytest.fail("40 steps did not make the trained continuation the greedy one")
-        assert post(base + "/checkpoint", {})["generation"] == 1
+        assert post_json(base + "/checkpoint", {})["generation"] == 1
         assert files_digest(model_dir) != digest
-        rolled = post(base + "/rollback", {"generation": 0})
+        rolled = post_json(base + "/rollback", {"generation": 0})
         assert rolled["weights_version"] > result["weights_version"]
         assert files_digest(model_dir) == digest
         assert greedy(base, model_dir) == before
