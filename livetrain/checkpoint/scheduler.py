@@ -32,9 +32,7 @@ class SyncScheduler(Generic[R]):
         self._state = threading.Condition()
         self._due: float | None = None  # monotonic time of the next sync; None when clean
         self._closed = False
-        self.last_result: R | None = None
         self.last_error: BaseException | None = None
-        self.syncs = 0
         self._thread = threading.Thread(target=self._run, name="checkpoint-sync", daemon=True)
         self._thread.start()
 
@@ -64,7 +62,6 @@ class SyncScheduler(Generic[R]):
                     if self._due is None and not self._closed:
                         self._due = time.monotonic() + self.interval_s
                 raise
-            self.last_result, self.syncs = result, self.syncs + 1
             return result
 
     def close(self) -> R | None:

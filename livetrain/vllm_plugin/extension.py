@@ -51,10 +51,6 @@ class LivetrainWorkerExtension:
                 self.vllm_config.parallel_config.tensor_parallel_size)
         return self._livetrain_layout_cache
 
-    def livetrain_layout(self) -> dict[str, Any]:
-        """The layout of the served model as plain data (`Layout.to_dict`)."""
-        return self._livetrain_layout().to_dict()
-
     def livetrain_export_weights(self, shm_dir: str) -> dict[str, Any]:
         """Make the weights mappable by the training worker; returns ``{layout, handles, reused}``.
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from livetrain.checkpoint import ModelDirectory, SyncScheduler
+from livetrain.checkpoint.fileio import WriteStats, write_file_durably
 from livetrain.optim import Apollo, apollo_mini, apollo_param_groups
 from livetrain.train.context_cache import ContextCache
 from livetrain.train.data import Example
@@ -341,27 +342,15 @@ class TrainingSession:
         }
 
     def save_optimizer_state(self) -> None:
-        """Atomically replace ``optimizer.pt`` (temp file, fsync, rename, fsync dir)."""
+        """Atomically replace ``optimizer.pt`` (checkpoint sync's durable whole-file write)."""
         payload = {"format": STATE_FORMAT, "optimizer": self.optimizer_kind,
                    "train_modules": self.train_modules, "param_names": list(self.trainable),
                    "steps_applied": self.steps_applied, "weights_version": self.weights_version,
                    "state_dict": self.optimizer.state_dict()}
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
         with self._mutex:
-            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".optimizer.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    torch.save(payload, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.optimizer_path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(self.state_dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_file_durably(self.optimizer_path, buffer.getvalue(), "metadata", WriteStats())
             self._state_unsaved = False
 
     def close(self) -> None:
