@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import zmq
 
 from livetrain.worker import protocol
 from livetrain.worker.connection import call_worker
@@ -71,6 +72,45 @@ def test_a_request_past_its_deadline_is_not_run(loop_server):
     release.set()
     assert call_worker(server.address, "logprobs", {"name": "next"}, timeout_s=10) == {"name": "next"}
     assert ran == ["slow", "next"]
+
+
+def test_stop_answers_the_running_job_and_refuses_the_queued_ones(tmp_path):
+    release = threading.Event()
+    server = WorkerServer(f"ipc://{tmp_path}/loop.sock", {"train": lambda args: release.wait(10) and {"done": True}})
+    server.handlers["status"] = lambda args: server.load()
+    loop = threading.Thread(target=server.serve_forever, daemon=True)
+    loop.start()
+    results: dict[str, object] = {}
+
+    def call(name: str) -> None:
+        try:
+            results[name] = call_worker(server.address, "train", timeout_s=10)
+        except WorkerError as exc:
+            results[name] = exc
+
+    callers = [threading.Thread(target=call, args=("running",))]
+    callers[0].start()
+    start_deadline = time.monotonic() + 5
+    while call_worker(server.address, "status")["running"] != "train":
+        assert time.monotonic() < start_deadline
+    callers.append(threading.Thread(target=call, args=("queued",)))
+    callers[1].start()
+    while call_worker(server.address, "status")["queued"] != 1:
+        assert time.monotonic() < start_deadline
+    server.stop()
+    release.set()
+    for caller in callers:
+        caller.join(10)
+    loop.join(10)
+    assert not loop.is_alive()
+    assert results["running"] == {"done": True}
+    assert isinstance(results["queued"], WorkerError) and results["queued"].type == protocol.UNAVAILABLE
+
+
+def test_a_bad_address_raises_in_the_caller(tmp_path):
+    server = WorkerServer(f"ipc://{tmp_path}/missing/dir/loop.sock", {})
+    with pytest.raises(zmq.ZMQError):
+        server.serve_forever()
 
 
 def test_unknown_operations_and_bad_frames_get_errors(loop_server):

@@ -45,56 +45,61 @@ class WorkerServer:
         self._jobs: queue.Queue[tuple[list[bytes], dict[str, Any]]] = queue.Queue()
         self._stopping = threading.Event()  # a shutdown request arrived: refuse new work
         self._stop = threading.Event()  # leave the loops
-        self._bound = threading.Event()
         self._running: str | None = None
 
     def serve_forever(self, orphaned: Callable[[], bool] | None = None) -> None:
         """Bind, run jobs, return after a ``shutdown`` request has been answered, after
-        :meth:`stop`, or once ``orphaned()`` (checked 5 times a second) says the owner is gone."""
-        socket_thread = threading.Thread(target=self._serve_socket, args=(orphaned,),
-                                         name="livetrain-socket", daemon=True)
-        socket_thread.start()
+        :meth:`stop`, or once ``orphaned()`` (checked 5 times a second) says the owner is gone.
+
+        The sockets are bound here, so a bad address raises in the caller. The job loop
+        ends with a sentinel on the reply socket and the socket thread leaves only when
+        it gets it: every reply the job loop sent, the last one included, reaches its caller.
+        """
+        router = self._context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 1000)
+        replies = self._context.socket(zmq.PULL)
+        out = self._context.socket(zmq.PUSH)
         try:
-            self._run_jobs()
+            router.bind(self.address)
+            replies.bind(self._inproc)
+            out.connect(self._inproc)
+            log.info("training worker listening on %s", self.address)
+            # Each socket is used by one thread only; handing it over at thread start is safe.
+            socket_thread = threading.Thread(target=self._serve_socket, args=(router, replies, orphaned),
+                                             name="livetrain-socket", daemon=True)
+            socket_thread.start()
+            try:
+                self._run_jobs(out)
+            finally:
+                self._stop.set()
+                out.send_multipart([b""])  # after the last reply: tells the socket thread to stop
+                socket_thread.join(timeout=30)
         finally:
-            self._stop.set()
-            socket_thread.join(timeout=30)
+            for socket in (out, replies, router):
+                socket.close()
             self._context.term()
 
     def stop(self) -> None:
         """Stop after the running job (if any); safe to call from a signal handler."""
         self._stop.set()
 
-    def _serve_socket(self, orphaned: Callable[[], bool] | None) -> None:
-        router = self._context.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 1000)
-        replies = self._context.socket(zmq.PULL)
-        try:
-            router.bind(self.address)
-            replies.bind(self._inproc)
-        finally:
-            self._bound.set()
+    def _serve_socket(self, router: zmq.Socket, replies: zmq.Socket, orphaned: Callable[[], bool] | None) -> None:
+        """Relay replies to callers and dispatch requests until the job loop's sentinel."""
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
-        log.info("training worker listening on %s", self.address)
-        try:
-            while not self._stop.is_set():
-                events = dict(poller.poll(200))
-                if replies in events:
-                    frames = replies.recv_multipart()
-                    if frames == [b""]:  # the job loop finished a shutdown
-                        break
-                    router.send_multipart(frames)
-                if router in events:
-                    self._dispatch(router, router.recv_multipart())
-                if not events and orphaned is not None and orphaned():
-                    log.warning("the process that started the training worker is gone; stopping")
-                    break
-        finally:
-            self._stop.set()
-            router.close()
-            replies.close()
+        while True:
+            events = dict(poller.poll(200))
+            if replies in events:
+                frames = replies.recv_multipart()
+                if frames == [b""]:  # the job loop has ended and sent its last reply
+                    return
+                router.send_multipart(frames)
+            if router in events:
+                self._dispatch(router, router.recv_multipart())
+            if not events and orphaned is not None and not self._stop.is_set() and orphaned():
+                log.warning("the process that started the training worker is gone; stopping")
+                self._stop.set()
 
     def load(self) -> dict[str, Any]:
         """How busy the worker is: the operation running now and how many wait."""
@@ -112,9 +117,8 @@ class WorkerServer:
         op = message.get("op")
         if op == "status":
             router.send_multipart([*envelope, self._handle(message)])
-        elif self._stopping.is_set():
-            error = WorkerError("the training worker is shutting down", protocol.UNAVAILABLE)
-            router.send_multipart([*envelope, protocol.encode(protocol.error_reply(message.get("id"), error))])
+        elif self._stopping.is_set() or self._stop.is_set():
+            router.send_multipart([*envelope, _shutting_down_reply(message)])
         elif self._jobs.qsize() >= self.max_pending:
             error = WorkerError("the training worker's queue is full; retry later", protocol.UNAVAILABLE,
                                 code="queue_full")
@@ -124,25 +128,25 @@ class WorkerServer:
                 self._stopping.set()
             self._jobs.put((envelope, message))
 
-    def _run_jobs(self) -> None:
-        self._bound.wait()
-        out = self._context.socket(zmq.PUSH)
-        out.connect(self._inproc)
-        try:
-            while not self._stop.is_set():
-                try:
-                    envelope, message = self._jobs.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                self._running = message.get("op")
-                reply = self._handle(message)
-                self._running = None
-                out.send_multipart([*envelope, reply])
-                if message.get("op") == "shutdown":
-                    out.send_multipart([b""])  # after the reply: tells the socket thread to stop
-                    return
-        finally:
-            out.close(linger=1000)
+    def _run_jobs(self, out: zmq.Socket) -> None:
+        """Run queued requests one at a time until a ``shutdown`` or :meth:`stop`."""
+        while not self._stop.is_set():
+            try:
+                envelope, message = self._jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self._running = message.get("op")
+            reply = self._handle(message)
+            self._running = None
+            out.send_multipart([*envelope, reply])
+            if message.get("op") == "shutdown":
+                break
+        while True:  # stopped: tell whoever still waits in the queue
+            try:
+                envelope, message = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            out.send_multipart([*envelope, _shutting_down_reply(message)])
 
     def _handle(self, message: dict[str, Any]) -> bytes:
         """Run one request; the encoded reply (an error reply if anything failed)."""
@@ -168,3 +172,8 @@ class WorkerServer:
         if not isinstance(args, dict):
             raise WorkerError("args must be an object", protocol.INVALID_REQUEST, param="args")
         return handler(args)
+
+
+def _shutting_down_reply(message: dict[str, Any]) -> bytes:
+    error = WorkerError("the training worker is shutting down", protocol.UNAVAILABLE)
+    return protocol.encode(protocol.error_reply(message.get("id"), error))
