@@ -183,10 +183,13 @@ def _example_loss(model, ex: Example, options: StepOptions, device, cache,
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, examples: Sequence[Example],
-               options: StepOptions | None = None, context_cache: ContextCache | None = None) -> StepResult:
+               options: StepOptions | None = None, context_cache: ContextCache | None = None,
+               before: Sequence[torch.Tensor] | None = None) -> StepResult:
     """Accumulate gradients over `examples`, then take one guarded optimizer step in place.
 
     The model runs in its current mode (train/eval); only the optimizer's parameters change.
+    `before`: copies of the optimizer's parameters (in its param-group order) that the
+    caller already took; then the update is measured against them instead of new copies.
 
     Raises InvalidExampleError before any computation if an example cannot be trained on.
     """
@@ -229,7 +232,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     if options.max_grad_norm is not None and grad_norm > options.max_grad_norm:
         torch._foreach_mul_(grads, options.max_grad_norm / (grad_norm + 1e-6))
 
-    update_norm = _apply(optimizer, params, options)
+    update_norm = _apply(optimizer, params, options, before)
     if update_norm is not None and not math.isfinite(update_norm):
         return refuse(total_loss, grad_norm, "non-finite update (weights restored)")
     optimizer.zero_grad(set_to_none=True)
@@ -240,8 +243,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
 
 
 @torch.no_grad()
-def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options: StepOptions) -> float | None:
-    """optimizer.step() at the step's lr; returns the update's L2 norm if measured.
+def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options: StepOptions,
+           before: Sequence[torch.Tensor] | None) -> float | None:
+    """optimizer.step() at the step's lr; returns the update's L2 norm if measured
+    (always when the caller passed its pre-step copies as ``before``).
 
     A non-finite update is undone (weights restored bit for bit); an update over
     max_update_norm is scaled down to it.
@@ -250,9 +255,13 @@ def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options
     if options.lr is not None:
         for group in optimizer.param_groups:
             group["lr"] = options.lr
-    measure = options.measure_update or options.max_update_norm is not None
     stepped = [p for p in params if p.grad is not None]
-    before = [p.detach().clone() for p in stepped] if measure else None
+    if before is not None:
+        if len(before) != len(params):
+            raise ValueError(f"{len(before)} pre-step copies for {len(params)} parameters")
+        before = [b for p, b in zip(params, before) if p.grad is not None]
+    elif options.measure_update or options.max_update_norm is not None:
+        before = [p.detach().clone() for p in stepped]
     try:
         optimizer.step()
     finally:

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from livetrain.vllm_plugin.layout import derive_layout
-from livetrain.weights import Layout, create_shared_copy, export_cuda_tensor, open_shared_copy
+from livetrain.weights import Layout, create_shared_copy, export_cuda_tensor, hf_views, open_shared_copy
 from livetrain.weights.handles import dtype_name
 from livetrain.weights.shared_copy import MANIFEST, map_handles, read_manifest
+from livetrain.weights.step_undo import undo_torn_step
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class LivetrainWorkerExtension:
         CPU: vLLM keeps no plain linear weights, so the shared copy is made from the model
         directory in ``shm_dir``; if ``shm_dir`` already holds a copy of this layout (a
         restart before the copy was synced) it is reused (``reused``: the caller must then
-        reload every parameter from it). GPU: CUDA IPC handles of vLLM's own parameters
+        reload every parameter from it), after undoing a step a crash tore there. GPU: CUDA IPC handles of vLLM's own parameters
         (untested here: no GPU on the CI machine); the worker keeps serving them in place.
         """
         layout = self._livetrain_layout()
@@ -71,8 +72,12 @@ class LivetrainWorkerExtension:
             existing = Layout.from_dict(manifest["layout"])
             if existing.params.keys() != layout.params.keys() or existing.hf_shapes != layout.hf_shapes:
                 raise RuntimeError(f"{shm_dir} holds a shared copy of another model; remove it first")
-            bad = [name for name, tensor in map_handles(manifest["handles"]).items()
-                   if not torch.isfinite(tensor).all()]
+            tensors = map_handles(manifest["handles"])
+            torn = undo_torn_step(shm_dir, hf_views(existing, tensors))
+            if torn is not None:
+                logger.warning("livetrain: undid step %d in %s: a crash tore it (%d tensors restored)",
+                               torn["weights_version"], shm_dir, torn["tensors"])
+            bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
             if bad:
                 raise RuntimeError(f"the shared copy left in {shm_dir} has non-finite values in {bad[:3]}: "
                                    "remove it to serve the model directory as it is on disk")

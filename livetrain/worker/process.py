@@ -119,12 +119,15 @@ def _invalid_as_request_error() -> Iterator[None]:
 def run_worker(model_dir: str | os.PathLike, address: str, *, optimizer: str = "apollo-mini",
                train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
                sync_interval_s: float | None = 600.0, max_probe_drift: float | None = 0.5,
-               model: torch.nn.Module | None = None) -> None:
+               shared_copy: Path | None = None) -> None:
     """Open a session on ``model_dir`` and serve it on ``address`` until shutdown.
 
     ``max_probe_drift``: undo a step that moves the probe text's mean log-prob by more
-    than this many nats per token (None: no probe).
+    than this many nats per token (None: no probe). ``shared_copy``: train the served
+    weights in that directory (a step a crash tore there is undone first) instead of a
+    private copy of the model directory.
     """
+    model = served_model(model_dir, shared_copy) if shared_copy is not None else None
     probe = None
     if max_probe_drift is not None:
         from transformers import AutoTokenizer
@@ -132,7 +135,11 @@ def run_worker(model_dir: str | os.PathLike, address: str, *, optimizer: str = "
         probe = ProbeGuard.from_text(AutoTokenizer.from_pretrained(model_dir), max_drift=max_probe_drift)
     session = TrainingSession.open(model_dir, optimizer=optimizer, train_modules=train_modules,
                                    model=model, lr=lr, sync_interval_s=sync_interval_s, probe=probe,
+                                   live_state_dir=shared_copy,
                                    holder="livetrain serve (training worker)")
+    if session.torn_step is not None:
+        log.warning("undid step %d: the previous worker died while applying it (%d tensors restored)",
+                    session.torn_step["weights_version"], session.torn_step["tensors"])
     if model is not None:
         # The served weights may hold steps the directory lacks (a previous worker died
         # before its sync): sync on schedule and at exit; unchanged blocks cost nothing.
@@ -184,10 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s livetrain.worker %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = served_model(args.model_dir, args.shared_copy) if args.shared_copy else None
     run_worker(args.model_dir, args.address, optimizer=args.optimizer,
                train_modules=args.train_modules, lr=args.lr, sync_interval_s=args.sync_interval,
-               max_probe_drift=args.max_probe_drift or None, model=model)
+               max_probe_drift=args.max_probe_drift or None, shared_copy=args.shared_copy)
 
 
 def new_runtime_dir() -> Path:

@@ -13,6 +13,10 @@ Invariants:
 * optimizer state lives in ``DIR/.livetrain/optimizer.pt``, written atomically (temp
   file + rename) at every sync, every ``save_every`` applied steps and on close, and is
   restored on open;
+* when the weights outlive the session (a shared copy in ``live_state_dir``), each step
+  is guarded by a :class:`~livetrain.weights.step_undo.StepUndo` there, and the optimizer
+  state is also written there after every applied step: a worker killed mid-step is
+  replaced by one that undoes the torn step and resumes from the last applied one;
 * every applied step, sync and rollback is appended to ``DIR/.livetrain/metrics.jsonl``.
 """
 
@@ -38,6 +42,7 @@ from livetrain.optim import Apollo, apollo_mini, apollo_param_groups
 from livetrain.train.context_cache import ContextCache
 from livetrain.train.data import Example
 from livetrain.train.step import StepOptions, StepResult, continuation_logprobs, train_step
+from livetrain.weights.step_undo import StepUndo, last_kept_state, undo_torn_step
 from livetrain.worker.lock import STATE_DIRNAME, DirectoryLock
 
 # Context-frozen training's natural target is W_q (what the continuation looks for in
@@ -83,7 +88,7 @@ class ProbeGuard:
     ``max_drift``: the most the probe's mean per-token log-prob may change in one step,
     in nats (0.5 by default: far above what a teaching step moves ordinary text, far
     below what a destructive one does). A refused step's tensors are restored from
-    copies taken before it, and its optimizer state too.
+    copies taken before it (the session's ``StepUndo``), and its optimizer state too.
     """
 
     context_ids: tuple[int, ...]
@@ -101,7 +106,8 @@ class TrainingSession:
 
     def __init__(self, model_dir: Path, model: torch.nn.Module, directory: ModelDirectory,
                  lock: DirectoryLock, optimizer_kind: str, train_modules: str, lr: float,
-                 sync_interval_s: float | None, save_every: int, probe: ProbeGuard | None) -> None:
+                 sync_interval_s: float | None, save_every: int, probe: ProbeGuard | None,
+                 live_state_dir: Path | None = None) -> None:
         self.model_dir = model_dir
         self.model = model
         self.directory = directory
@@ -113,6 +119,7 @@ class TrainingSession:
         self._probe_logp: float | None = None  # the probe's mean log-prob under the live weights
         self.state_dir = model_dir / STATE_DIRNAME
         self.optimizer_path = self.state_dir / "optimizer.pt"
+        self.live_state_dir = live_state_dir
         self.metrics_path = self.state_dir / "metrics.jsonl"
         self._lock = lock
         self._mutex = threading.RLock()  # a step, a sync and a rollback never overlap
@@ -120,6 +127,10 @@ class TrainingSession:
         names = {id(p): n for n, p in model.named_parameters()}
         self.trainable = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
         self.trainable_parameters = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+        params = self._named_params()
+        # A step torn by the death of the previous process on these weights is undone first.
+        self.torn_step = undo_torn_step(live_state_dir, params) if live_state_dir is not None else None
+        self.undo = StepUndo({n: params[n] for n in self.trainable}, live_state_dir)
         self.context_cache = ContextCache()
         self.steps_applied = 0
         self.steps_refused = 0
@@ -130,6 +141,8 @@ class TrainingSession:
         self._recent_lock = threading.Lock()  # status() reads it from another thread
         self.optimizer_state = self._restore_optimizer_state()
         self.last_generation = directory.latest
+        if self.torn_step is not None:
+            self._log("torn_step_undone", **self.torn_step)
         self.scheduler = (SyncScheduler(self._sync, interval_s=sync_interval_s)
                           if sync_interval_s is not None else None)
         self._closed = False
@@ -139,6 +152,7 @@ class TrainingSession:
              train_modules: str = DEFAULT_TRAIN_MODULES, model: torch.nn.Module | None = None,
              lr: float | None = None, sync_interval_s: float | None = None,
              keep_generations: int = 20, save_every: int = 50, probe: ProbeGuard | None = None,
+             live_state_dir: str | os.PathLike | None = None,
              holder: str = "livetrain train") -> "TrainingSession":
         """Lock ``model_dir``, recover an interrupted sync, load the model, restore state.
 
@@ -146,8 +160,10 @@ class TrainingSession:
         serving); loaded from ``model_dir`` with its stored dtype when omitted.
         ``sync_interval_s``: sync this long after the last applied step (None: only on
         :meth:`sync` and :meth:`close`). ``probe``: undo steps that move a fixed text's
-        log-probs too far (off when None). Raises ``DirectoryInUse`` if another process
-        holds the directory.
+        log-probs too far (off when None). ``live_state_dir``: where ``model``'s weights
+        live when they outlive this process (the shared copy's directory): a torn step
+        found there is undone, and each step is guarded there (see the module notes).
+        Raises ``DirectoryInUse`` if another process holds the directory.
         """
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -159,7 +175,8 @@ class TrainingSession:
             if model is None:
                 model = load_model(model_dir)
             return cls(model_dir, model, directory, lock, optimizer, train_modules,
-                       DEFAULT_LR if lr is None else lr, sync_interval_s, save_every, probe)
+                       DEFAULT_LR if lr is None else lr, sync_interval_s, save_every, probe,
+                       None if live_state_dir is None else Path(live_state_dir))
         except BaseException:
             if directory is not None:
                 directory.close()
@@ -175,25 +192,35 @@ class TrainingSession:
         Raises ``InvalidExampleError`` (before any computation) for an example the
         step cannot train on.
         """
-        # Every update is measured before it can be served: a non-finite one is undone
-        # by the step, and the norm goes into the report.
-        options = dataclasses.replace(options or StepOptions(), measure_update=True)
+        # Every update is measured against the step undo's copies before it can be served:
+        # a non-finite one is undone by the step, and the norm goes into the report.
+        options = options or StepOptions()
         dry_run = options.dry_run
         with self._mutex:
             self._check_open()
-            undo = self._undo_point() if self.probe is not None and not dry_run else None
-            # The step restores the weights after a non-finite update; the optimizer's moments
-            # have advanced by then (and may be non-finite), so their pre-step copy goes back too.
-            state_before = None if dry_run else (
-                undo[1] if undo is not None else copy.deepcopy(self.optimizer.state_dict()))
-            result = train_step(self.model, self.optimizer, list(examples), options,
-                                context_cache=self.context_cache)
+            if self.probe is not None and not dry_run and self._probe_logp is None:
+                self._probe_logp = self._probe_mean_logp()
+            # A refused or failed step restores the weights and, since the moments may have
+            # advanced (or become non-finite), the optimizer state from before it.
+            state_before = None if dry_run else copy.deepcopy(self.optimizer.state_dict())
+            if not dry_run:
+                self.undo.begin(self.weights_version + 1)
+            try:
+                result = train_step(self.model, self.optimizer, list(examples), options,
+                                    context_cache=self.context_cache,
+                                    before=None if dry_run else self.undo.saved)
+            except BaseException:
+                if not dry_run:
+                    self.undo.restore()
+                    self.optimizer.load_state_dict(state_before)
+                    self.undo.end()
+                raise
             if not result.applied and state_before is not None and self.optimizer.state \
                     and (result.reason or "").startswith("non-finite update"):
                 self.optimizer.load_state_dict(state_before)
             probe_drift = None
-            if result.applied and undo is not None:
-                probe_drift = self._check_probe(result, *undo)
+            if result.applied and self.probe is not None:
+                probe_drift = self._check_probe(result, state_before)
             changed: list[str] = []
             if result.applied:
                 self.steps_applied += 1
@@ -203,6 +230,8 @@ class TrainingSession:
                 changed = list(self.trainable)
             elif not dry_run:
                 self.steps_refused += 1
+            if not dry_run:  # writing the state after a kept step commits it
+                self.undo.end(self._state_bytes() if result.applied and self.live_state_dir else None)
             report = StepReport(
                 loss=_finite_or_none(result.loss), tokens=int(result.tokens),
                 grad_norm=_finite_or_none(result.grad_norm),
@@ -228,27 +257,16 @@ class TrainingSession:
         values = continuation_logprobs(self.model, self.probe.context_ids, self.probe.continuation_ids)
         return values.mean().item()
 
-    def _undo_point(self) -> tuple[list[torch.Tensor], dict[str, Any], float]:
-        """Copies of the trained tensors and optimizer state, and the probe's value, before a step."""
-        if self._probe_logp is None:
-            self._probe_logp = self._probe_mean_logp()
-        params = self._named_params()
-        return ([params[n].detach().clone() for n in self.trainable],
-                copy.deepcopy(self.optimizer.state_dict()), self._probe_logp)
-
-    def _check_probe(self, result: StepResult, weights: list[torch.Tensor], state: dict[str, Any],
-                     probe_before: float) -> float:
-        """Keep the step if the probe moved at most ``max_drift``; else undo it (``result`` says so)."""
-        assert self.probe is not None
+    def _check_probe(self, result: StepResult, state: dict[str, Any]) -> float:
+        """Keep the step if the probe moved at most ``max_drift``; else undo it (``result``
+        says so) from the step undo's copies and the optimizer ``state`` from before it."""
+        assert self.probe is not None and self._probe_logp is not None
         after = self._probe_mean_logp()
-        drift = after - probe_before
+        drift = after - self._probe_logp
         if math.isfinite(drift) and abs(drift) <= self.probe.max_drift:
             self._probe_logp = after
             return drift
-        params = self._named_params()
-        with torch.no_grad():
-            for name, saved in zip(self.trainable, weights):
-                params[name].copy_(saved)
+        self.undo.restore()
         self.optimizer.load_state_dict(state)
         result.applied = False
         result.reason = (f"the probe text's mean log-prob moved {drift:+.3f} nats/token, more than "
@@ -337,21 +355,29 @@ class TrainingSession:
             "lr": self.lr, "steps_applied": self.steps_applied, "steps_refused": self.steps_refused,
             "weights_version": self.weights_version, "dirty_since_sync": self.dirty,
             "last_generation": self.last_generation, "recent": recent,
+            "torn_step_undone": self.torn_step,
             "last_sync_error": (None if self.scheduler is None or self.scheduler.last_error is None
                                 else str(self.scheduler.last_error)),
         }
 
     def save_optimizer_state(self) -> None:
-        """Atomically replace ``optimizer.pt`` (checkpoint sync's durable whole-file write)."""
+        """Atomically replace ``optimizer.pt`` (checkpoint sync's durable whole-file write);
+        also the live copy beside the weights, when they outlive the session."""
+        with self._mutex:
+            state = self._state_bytes()
+            write_file_durably(self.optimizer_path, state, "metadata", WriteStats())
+            self.undo.keep_state(self.weights_version, state)
+            self._state_unsaved = False
+
+    def _state_bytes(self) -> bytes:
+        """The optimizer state and step counters, serialised with ``torch.save``."""
         payload = {"format": STATE_FORMAT, "optimizer": self.optimizer_kind,
                    "train_modules": self.train_modules, "param_names": list(self.trainable),
                    "steps_applied": self.steps_applied, "weights_version": self.weights_version,
                    "state_dict": self.optimizer.state_dict()}
         buffer = io.BytesIO()
         torch.save(payload, buffer)
-        with self._mutex:
-            write_file_durably(self.optimizer_path, buffer.getvalue(), "metadata", WriteStats())
-            self._state_unsaved = False
+        return buffer.getvalue()
 
     def close(self) -> None:
         """Stop the scheduler, sync unsynced changes, save state, release the lock."""
@@ -385,15 +411,21 @@ class TrainingSession:
             raise RuntimeError("the training session is closed")
 
     def _restore_optimizer_state(self) -> str:
-        if not self.optimizer_path.exists():
+        """Load the newest saved state: the live one (after the last applied step) when it
+        is at least as new as the directory's (saved at the last sync)."""
+        live = last_kept_state(self.live_state_dir) if self.live_state_dir is not None else None
+        states = [torch.load(io.BytesIO(live), weights_only=True)] if live is not None else []
+        if self.optimizer_path.exists():
+            states.append(torch.load(self.optimizer_path, weights_only=True))
+        if not states:
             return "new"
-        saved = torch.load(self.optimizer_path, weights_only=True)
         mine = (STATE_FORMAT, self.optimizer_kind, self.train_modules, list(self.trainable))
-        theirs = (saved.get("format"), saved.get("optimizer"), saved.get("train_modules"),
-                  saved.get("param_names"))
-        if mine != theirs:
-            return (f"new (the saved state is for {saved.get('optimizer')} on "
-                    f"{saved.get('train_modules')!r}; it will be replaced at the next sync)")
+        fitting = [state for state in states if mine == (state.get("format"), state.get("optimizer"),
+                                                         state.get("train_modules"), state.get("param_names"))]
+        if not fitting:
+            return (f"new (the saved state is for {states[0].get('optimizer')} on "
+                    f"{states[0].get('train_modules')!r}; it will be replaced at the next sync)")
+        saved = max(fitting, key=lambda state: state["weights_version"])
         self.optimizer.load_state_dict(saved["state_dict"])
         self.steps_applied = int(saved["steps_applied"])
         self.weights_version = int(saved["weights_version"])
