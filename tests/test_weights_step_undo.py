@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from livetrain.weights import create_shared_copy, open_shared_copy, remove_shared_copy
-from livetrain.weights.step_undo import MARK_FILE, StepUndo, last_kept_state, undo_torn_step
+from livetrain.weights.step_undo import MARK_FILE, StepUndo, last_kept_state, take_undo_report, undo_torn_step
 from livetrain.worker.process import served_model
 from livetrain.worker.session import TrainingSession
 from tests.session_helpers import example
@@ -36,6 +36,8 @@ def test_a_torn_step_is_undone_bit_for_bit(tmp_path):
     assert all(torch.equal(live[n], original[n]) for n in live)
     assert not (tmp_path / MARK_FILE).exists()
     assert undo_torn_step(tmp_path, live) is None  # only once
+    assert take_undo_report(tmp_path) == {"weights_version": 7, "tensors": 2}
+    assert take_undo_report(tmp_path) is None
 
 
 def test_a_kept_step_stays_even_if_its_mark_was_not_cleared(tmp_path):

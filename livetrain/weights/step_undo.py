@@ -11,14 +11,17 @@ With a directory (the shared copy's, which outlives the training worker), all of
 lives in shared-memory files there. Whoever maps the shared copy next - a restarted
 worker, or vLLM reusing a copy left by a server that died - calls :func:`undo_torn_step`
 first: a mark without the state of its step means the step was torn, and the saved
-tensors are copied back: the weights are exactly those from before it. The copies
+tensors are copied back: the weights are exactly those from before it. A report of the
+undone step stays there until the training session takes it (:func:`take_undo_report`)
+to show it in its status. The copies
 double as the step's "before" for the update norm, the non-finite guard and the probe
 guard, so all the guarding costs one copy of the trained tensors.
 
 Files (mode 0600), each replaced atomically: ``step-undo.bin`` (the tensors back to
 back), ``step-undo.json`` (name, dtype, shape, byte offset of each), ``step-in-progress``
-(the weights version being written; there only while a step runs) and
-``state-<version>.pt`` (the caller's state after the last kept step, opaque bytes).
+(the weights version being written; there only while a step runs),
+``state-<version>.pt`` (the caller's state after the last kept step, opaque bytes) and
+``undone-step.json`` (the report of an undone torn step, until taken).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ DATA_FILE = "step-undo.bin"
 INDEX_FILE = "step-undo.json"
 MARK_FILE = "step-in-progress"
 STATE_PREFIX = "state-"
+REPORT_FILE = "undone-step.json"
 _ALIGN = 64  # bytes: every saved tensor starts on a cache line
 
 
@@ -130,8 +134,21 @@ def undo_torn_step(directory: str | os.PathLike, live: Mapping[str, torch.Tensor
     with torch.no_grad():
         for target, saved in pairs:
             target.copy_(saved)
+    report = {"weights_version": version, "tensors": len(pairs)}
+    _write_atomically(directory / REPORT_FILE, json.dumps(report).encode())
     mark.unlink()
-    return {"weights_version": version, "tensors": len(pairs)}
+    return report
+
+
+def take_undo_report(directory: str | os.PathLike) -> dict | None:
+    """The report :func:`undo_torn_step` left in ``directory`` (removed), or None."""
+    path = Path(directory) / REPORT_FILE
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    path.unlink()
+    return report
 
 
 def last_kept_state(directory: str | os.PathLike) -> bytes | None:

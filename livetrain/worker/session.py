@@ -42,7 +42,7 @@ from livetrain.optim import Apollo, apollo_mini, apollo_param_groups
 from livetrain.train.context_cache import ContextCache
 from livetrain.train.data import Example
 from livetrain.train.step import StepOptions, StepResult, continuation_logprobs, train_step
-from livetrain.weights.step_undo import StepUndo, last_kept_state, undo_torn_step
+from livetrain.weights.step_undo import StepUndo, last_kept_state, take_undo_report, undo_torn_step
 from livetrain.worker.lock import STATE_DIRNAME, DirectoryLock
 
 # Context-frozen training's natural target is W_q (what the continuation looks for in
@@ -128,8 +128,12 @@ class TrainingSession:
         self.trainable = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
         self.trainable_parameters = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
         params = self._named_params()
-        # A step torn by the death of the previous process on these weights is undone first.
-        self.torn_step = undo_torn_step(live_state_dir, params) if live_state_dir is not None else None
+        # A step torn by the death of the previous process on these weights is undone first
+        # (here, or already by vLLM when it reused the copy: either way it is reported).
+        self.torn_step = None
+        if live_state_dir is not None:
+            undo_torn_step(live_state_dir, params)
+            self.torn_step = take_undo_report(live_state_dir)
         self.undo = StepUndo({n: params[n] for n in self.trainable}, live_state_dir)
         self.context_cache = ContextCache()
         self.steps_applied = 0
