@@ -60,3 +60,25 @@ def tiny_model_dir(tmp_path: Path, tokenizer_dir: Path):
         return out
 
     return make
+
+
+def _vllm_segments() -> set[str]:
+    """vLLM's multiprocessing shared memory and semaphores in /dev/shm."""
+    return {p for pattern in ("psm_*", "sem.mp-*") for p in map(str, Path("/dev/shm").glob(pattern))}
+
+
+@pytest.fixture
+def killed_vllm_segments_removed():
+    """Remove what vLLM processes SIGKILLed by the test left in /dev/shm (they cannot clean
+    up): segments that are new since the test began and mapped by no live process."""
+    before = _vllm_segments()
+    yield
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(None, 5)[-1].strip() for line in maps.read_text().splitlines()
+                          if "/dev/shm/" in line)
+        except OSError:
+            continue
+    for path in _vllm_segments() - before - mapped:
+        Path(path).unlink(missing_ok=True)

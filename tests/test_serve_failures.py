@@ -93,7 +93,7 @@ def test_refuses_a_public_address_without_an_admin_token(tmp_path, tokenizer_dir
     assert server.vllm is None and not server.shm_dir.exists()
 
 
-def test_worker_and_vllm_deaths(tmp_path, tokenizer_dir, monkeypatch):
+def test_worker_and_vllm_deaths(tmp_path, tokenizer_dir, monkeypatch, killed_vllm_segments_removed):
     from tests.vllm_layouts import write_vllm_tiny_model
 
     monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)

@@ -28,7 +28,8 @@ def shared_hf_tensors(server: LiveServer) -> dict:
     return {name: view.clone() for name, view in hf_views(layout, tensors).items()}
 
 
-def test_a_copy_left_by_a_killed_server_is_reused_and_synced(tmp_path, tokenizer_dir):
+def test_a_copy_left_by_a_killed_server_is_reused_and_synced(tmp_path, tokenizer_dir,
+                                                          killed_vllm_segments_removed):
     model_dir = write_vllm_tiny_model(tmp_path / "model", "llama", tokenizer_dir)
     on_disk = {n: t.clone() for n, t in load_file(model_dir / "model.safetensors").items()}
     options = ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import threading
 import time
@@ -202,9 +203,10 @@ def test_an_orphaned_worker_syncs_and_exits(tmp_path, tokenizer_dir):
                 f"from livetrain.worker.process import WorkerProcess\n"
                 f"w = WorkerProcess.start({str(model_dir)!r}, threads=1)\n"
                 f"w.request('train', {{'examples': [{wire(example(0))!r}]}})\n"
-                f"print(w.popen.pid, flush=True)\n")  # exits without stopping the worker
+                f"print(w.popen.pid, w.runtime_dir, flush=True)\n")  # exits without stopping the worker
     out = subprocess.run([sys.executable, "-c", launcher], check=True, capture_output=True, text=True)
-    pid = int(out.stdout.split()[-1])
+    pid, runtime_dir = out.stdout.split()[-2:]
+    pid = int(pid)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -218,3 +220,4 @@ def test_an_orphaned_worker_syncs_and_exits(tmp_path, tokenizer_dir):
     assert files_digest(model_dir) != digest
     with TrainingSession.open(model_dir):
         pass
+    shutil.rmtree(runtime_dir)  # the launcher's, which it left behind when it exited
