@@ -120,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_dir=args.model, host=args.host, port=args.port, admin_token_file=args.admin_token_file,
         sync_interval_s=args.sync_interval, optimizer=args.optimizer, lr=args.lr,
         cpu_mode=args.cpu_mode, consistent_updates=args.consistent_updates,
-        kv_cache_gib=args.kv_cache_gib, trainer_threads=args.trainer_threads,
+        kv_cache_gib=args.kv_cache_gib, trainer_threads=args.trainer_threads, trainer_nice=args.trainer_nice,
         max_probe_drift=args.max_probe_drift, vllm_args=args.vllm_args,
         **({"train_modules": args.train_modules} if args.train_modules else {}))
     return serve(options)
@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vLLM's CPU KV cache in GiB (default: 1; vLLM's own default is 0.9 x RAM)")
     serve.add_argument("--trainer-threads", type=int, default=1,
                        help="torch threads of the training worker (default: 1; vLLM uses every core)")
+    serve.add_argument("--trainer-nice", type=int, default=10, choices=range(20), metavar="0-19",
+                       help="run the training worker at this lower CPU priority, so inference keeps its "
+                            "speed while a step runs on a busy machine (default: 10; 0: same as vLLM)")
     serve.add_argument("--max-probe-drift", type=float, default=0.5, metavar="NATS",
                        help="undo a step that moves a fixed probe text's mean log-prob by more than "
                             "this (default: 0.5; 0 turns the check off)")

@@ -5,7 +5,8 @@ weights), then the training worker, which maps that copy and owns the directory.
 stop the worker syncs the checkpoint before the shared copy is removed, so nothing
 applied is lost. CPU resources are set explicitly: vLLM's KV cache (its default is
 0.9 x RAM) and the trainer's threads (vLLM's OpenMP threads take every core; the trainer
-one thread by default, since it runs only while `/train` has work).
+one thread by default, since it runs only while `/train` has work, at a lower priority, so
+that on a machine with few cores inference keeps its speed while a step runs).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class ServeOptions:
     consistent_updates: bool = False
     kv_cache_gib: float = 1.0
     trainer_threads: int = 1
+    trainer_nice: int = 10
     max_probe_drift: float = 0.5
     max_worker_restarts: int = 5
     vllm_args: Sequence[str] = field(default_factory=tuple)
@@ -113,6 +115,7 @@ class LiveServer:
         return WorkerProcess.start(
             self.model_dir, optimizer=options.optimizer, train_modules=options.train_modules,
             lr=options.lr, sync_interval_s=options.sync_interval_s, threads=options.trainer_threads,
+            nice=options.trainer_nice,
             max_probe_drift=options.max_probe_drift, shared_copy=self.shm_dir,
             runtime_dir=self.runtime_dir, log_path=self.log_dir / "worker.log")
 

@@ -187,13 +187,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared-copy", type=Path,
                         help="train the served weights: a directory whose manifest.json holds their layout "
                              "and handles (livetrain.weights); default: load the model directory")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="lower this process's CPU priority by this much (0-19) before any thread starts")
     args = parser.parse_args(argv)
+    if args.nice:
+        lower_priority(args.nice)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s livetrain.worker %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     run_worker(args.model_dir, args.address, optimizer=args.optimizer,
                train_modules=args.train_modules, lr=args.lr, sync_interval_s=args.sync_interval,
                max_probe_drift=args.max_probe_drift or None, shared_copy=args.shared_copy)
+
+
+def lower_priority(by: int) -> None:
+    """Lower the CPU priority of every thread of this process by ``by`` (Linux keeps a nice
+    value per thread; threads started afterwards inherit their creator's)."""
+    target = min(os.getpriority(os.PRIO_PROCESS, 0) + by, 19)
+    for task in os.listdir("/proc/self/task"):
+        os.setpriority(os.PRIO_PROCESS, int(task), target)
 
 
 def new_runtime_dir() -> Path:
@@ -222,15 +234,15 @@ class WorkerProcess:
               train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
               sync_interval_s: float = 600.0, threads: int | None = None, max_probe_drift: float = 0.5,
               shared_copy: str | os.PathLike | None = None, runtime_dir: str | os.PathLike | None = None,
-              env: dict[str, str] | None = None, ready_timeout_s: float = 300.0,
+              nice: int = 0, env: dict[str, str] | None = None, ready_timeout_s: float = 300.0,
               log_path: str | os.PathLike | None = None) -> "WorkerProcess":
         """Start ``python -m livetrain.worker`` and wait until it answers ``status``.
 
         ``runtime_dir``: a directory from :func:`new_runtime_dir` when the address must be
         known beforehand (vLLM's plugin is told it before the worker starts); it is
         removed by :meth:`stop`. ``shared_copy``: train the served weights (see
-        ``--shared-copy``). ``log_path``: append the worker's output there instead of
-        inheriting this process's.
+        ``--shared-copy``). ``nice``: how much lower the worker's CPU priority is (0-19).
+        ``log_path``: append the worker's output there instead of inheriting this process's.
         """
         owns_runtime_dir = runtime_dir is None
         runtime_dir = new_runtime_dir() if owns_runtime_dir else Path(runtime_dir)
@@ -244,6 +256,8 @@ class WorkerProcess:
             command += ["--threads", str(threads)]
         if shared_copy is not None:
             command += ["--shared-copy", str(shared_copy)]
+        if nice:
+            command += ["--nice", str(nice)]
         if log_path is None:
             popen = subprocess.Popen(command, env=env)
         else:
