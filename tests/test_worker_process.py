@@ -232,3 +232,38 @@ def test_an_orphaned_worker_syncs_and_exits(tmp_path, tokenizer_dir):
     with TrainingSession.open(model_dir):
         pass
     shutil.rmtree(runtime_dir)  # the launcher's, which it left behind when it exited
+
+
+def test_a_garbage_reply_frame_does_not_stop_the_connection(tmp_path):
+    import asyncio
+
+    from livetrain.worker.connection import WorkerConnection
+
+    address = f"ipc://{tmp_path}/fake.sock"
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.bind(address)
+
+    def answer_after_garbage() -> None:
+        envelope_and_payload = router.recv_multipart()
+        envelope, payload = envelope_and_payload[:-1], envelope_and_payload[-1]
+        router.send_multipart([*envelope, b"\xff not json"])
+        reply = protocol.ok_reply(protocol.decode(payload)["id"], {"running": None})
+        router.send_multipart([*envelope, protocol.encode(reply)])
+
+    fake = threading.Thread(target=answer_after_garbage, daemon=True)
+    fake.start()
+
+    async def ask() -> dict:
+        connection = WorkerConnection(address)
+        try:
+            return await connection.call("status", timeout_s=10)
+        finally:
+            connection.close()
+
+    try:
+        assert asyncio.run(ask()) == {"running": None}
+    finally:
+        fake.join(10)
+        router.close(linger=0)
+        context.term()

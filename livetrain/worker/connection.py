@@ -122,7 +122,12 @@ class WorkerConnection:
 
     async def _receive(self) -> None:
         while True:
-            reply = protocol.decode(await self._socket.recv())
+            frame = await self._socket.recv()
+            try:
+                reply = protocol.decode(frame)
+            except ValueError as exc:  # never the worker's; whatever sent it must not stop the replies
+                log.warning("dropping an undecodable reply frame (%s)", exc)
+                continue
             future = self._pending.get(reply.get("id"))
             if future is not None and not future.done():
                 future.set_result(reply)
