@@ -72,7 +72,9 @@ class StepReport:
     seconds: float
     cache_hits: int
     weights_version: int
-    changed_tensors: list[str]  # Hugging Face names; empty unless applied
+    # Hugging Face names of the tensors the step wrote, kept or undone (an undone step's
+    # values may have been served meanwhile): what the serving side must refresh.
+    changed_tensors: list[str]
     dry_run: bool
     probe_drift: float | None = None  # change of the probe's mean log-prob (nats/token)
     request_id: str | None = None
@@ -223,15 +225,15 @@ class TrainingSession:
                     and (result.reason or "").startswith("non-finite update"):
                 self.optimizer.load_state_dict(state_before)
             probe_drift = None
+            wrote = result.applied or (result.reason or "").startswith("non-finite update")
             if result.applied and self.probe is not None:
                 probe_drift = self._check_probe(result, state_before)
-            changed: list[str] = []
+            changed = list(self.trainable) if wrote else []
             if result.applied:
                 self.steps_applied += 1
                 self.weights_version += 1
                 self.dirty = True
                 self._state_unsaved = True
-                changed = list(self.trainable)
             elif not dry_run:
                 self.steps_refused += 1
             if not dry_run:  # writing the state after a kept step commits it
