@@ -103,6 +103,16 @@ def test_dry_run_changes_nothing(served):
     assert len(calls) == n_calls
 
 
+def test_null_bounds_mean_no_bound_and_other_nulls_the_default():
+    from livetrain.routes.schemas import TrainBody
+
+    body = {"examples": [wire(example(0))]}
+    assert TrainBody.model_validate(body).step_options() == {}
+    assert TrainBody.model_validate({**body, "max_grad_norm": None, "lr": None, "orpo_lambda": None,
+                                     "max_update_norm": 0.5}).step_options() == \
+        {"max_grad_norm": None, "max_update_norm": 0.5}
+
+
 def test_applied_step_calls_the_hook_and_changes_what_is_served(served):
     http, _, calls, _ = served
     ex = example(7)

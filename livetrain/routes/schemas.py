@@ -86,8 +86,11 @@ class TrainBody(_Body):
     timeout_s: float = Seconds
 
     def step_options(self) -> dict[str, Any]:
-        """The fields of the step's options that the request set."""
-        return self.model_dump(exclude={"examples", "timeout_s"}, exclude_none=True)
+        """The fields of the step's options that the request set. ``null`` means the
+        default, except for the two bounds, where it means no bound (no clipping)."""
+        fields = self.model_dump(exclude={"examples", "timeout_s"}, exclude_unset=True)
+        return {name: value for name, value in fields.items()
+                if value is not None or name in ("max_grad_norm", "max_update_norm")}
 
 
 class LogprobsBody(_Body):
