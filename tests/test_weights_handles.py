@@ -46,3 +46,24 @@ def test_handles_that_do_not_fit_their_file_are_refused(shm_path):
         map_handle(SharedMemoryHandle(handle.path + "-missing", "float32", (2, 2), (2, 1)))
     with pytest.raises(HandleError):
         handle_from_dict({"kind": "carrier-pigeon"})
+
+
+def test_published_handles_replace_what_an_earlier_server_left(tmp_path, shm_path):
+    from livetrain.weights import Layout, ParamLayout, ParamSlice, open_shared_copy, publish_handles
+    from livetrain.weights.shared_copy import SharedCopyError
+
+    tensor, handle = create_shared_file(shm_path, torch.float32, (4, 3))
+    tensor.fill_(2.0)
+    layout = Layout({"w": ParamLayout("w", (4, 3), "float32", (ParamSlice("w.weight", (0, 4), (0, 4)),))},
+                    {"w.weight": (4, 3)})
+    directory = tmp_path / "livetrain-published"
+    directory.mkdir()
+    (directory / "step-in-progress").write_text("3")  # a stale record for weights that are gone
+    publish_handles(directory, tmp_path, layout, {"w": handle})
+    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json"]
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / "manifest.json").stat().st_mode) == 0o600
+    mapped_layout, tensors = open_shared_copy(directory)
+    assert mapped_layout == layout and torch.equal(tensors["w"], tensor)
+    with pytest.raises(SharedCopyError, match="livetrain-"):
+        publish_handles(tmp_path / "elsewhere", tmp_path, layout, {"w": handle})

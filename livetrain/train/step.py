@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 
@@ -270,15 +270,23 @@ def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options
     if before is None:
         return None
     current = [p.detach() for p in stepped]
-    # Differences a few tensors at a time: bounded scratch memory, one host sync at the end.
+
+    def chunks() -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """(weights now, weights before) 16 tensors at a time: bounded scratch memory, also
+        when the copies are in host memory and the weights on a GPU."""
+        for i in range(0, len(current), 16):
+            now = current[i:i + 16]
+            yield now, [b.to(c.device, non_blocking=True) for c, b in zip(now, before[i:i + 16])]
+
     norms = []
-    for i in range(0, len(current), 16):
-        norms += torch._foreach_norm(torch._foreach_sub(current[i:i + 16], before[i:i + 16]), 2, dtype=torch.float32)
-    update_norm = _total_norm(norms).item()
+    for now, then in chunks():
+        norms += torch._foreach_norm(torch._foreach_sub(now, then), 2, dtype=torch.float32)
+    update_norm = _total_norm(norms).item()  # the one host sync
     if not math.isfinite(update_norm):
-        torch._foreach_copy_(current, before)
+        for now, then in chunks():
+            torch._foreach_copy_(now, then)
     elif options.max_update_norm is not None and update_norm > options.max_update_norm:
-        # p <- before + factor * (p - before)
-        torch._foreach_lerp_(current, before, 1.0 - options.max_update_norm / update_norm)
+        for now, then in chunks():  # p <- before + factor * (p - before)
+            torch._foreach_lerp_(now, then, 1.0 - options.max_update_norm / update_norm)
         update_norm = options.max_update_norm
     return update_norm

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from livetrain.vllm_plugin.layout import derive_layout
-from livetrain.weights import Layout, create_shared_copy, export_cuda_tensor, hf_views, open_shared_copy
+from livetrain.weights import (Layout, create_shared_copy, export_cuda_tensor, hf_views, open_shared_copy,
+                               publish_handles)
 from livetrain.weights.handles import dtype_name
 from livetrain.weights.shared_copy import MANIFEST, map_handles, read_manifest
 from livetrain.weights.step_undo import undo_torn_step
@@ -58,15 +59,19 @@ class LivetrainWorkerExtension:
         CPU: vLLM keeps no plain linear weights, so the shared copy is made from the model
         directory in ``shm_dir``; if ``shm_dir`` already holds a copy of this layout (a
         restart before the copy was synced) it is reused (``reused``: the caller must then
-        reload every parameter from it), after undoing a step a crash tore there. GPU: CUDA IPC handles of vLLM's own parameters
-        (untested here: no GPU on the CI machine); the worker keeps serving them in place.
+        reload every parameter from it), after undoing a step a crash tore there.
+        GPU: CUDA IPC handles of vLLM's own parameters, published in ``shm_dir`` for the
+        training worker (untested here: no GPU on the CI machine); the worker trains
+        vLLM's tensors in place.
         """
         layout = self._livetrain_layout()
         model = self.model_runner.get_model()
         if self.device.type == "cuda":
             params = dict(model.named_parameters())
-            handles = {name: export_cuda_tensor(params[name].data).to_dict() for name in layout.params}
-            return {"layout": layout.to_dict(), "handles": handles, "reused": False}
+            handles = {name: export_cuda_tensor(params[name].data) for name in layout.params}
+            publish_handles(shm_dir, self.vllm_config.model_config.model, layout, handles)
+            return {"layout": layout.to_dict(), "handles": {n: h.to_dict() for n, h in handles.items()},
+                    "reused": False}
         if (Path(shm_dir) / MANIFEST).exists():
             manifest = read_manifest(shm_dir)
             existing = Layout.from_dict(manifest["layout"])

@@ -7,6 +7,8 @@ a 0700 directory named ``livetrain-*``. The training worker maps them and trains
 Hugging Face-named views of them; vLLM either serves them directly or reloads its
 kernels from them. A ``manifest.json`` beside the files lets any process map the
 whole copy again, and the copy outlives the processes that use it until it is removed.
+On a GPU vLLM keeps the weights and the directory holds only the manifest, with CUDA
+IPC handles of vLLM's own tensors (:func:`publish_handles`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from livetrain.weights.handles import (SharedMemoryHandle, create_shared_file, dtype_from_name, handle_from_dict,
-                                      map_handle)
+from livetrain.weights.handles import (SharedMemoryHandle, WeightHandle, create_shared_file, dtype_from_name,
+                                      handle_from_dict, map_handle)
 from livetrain.weights.layout import Layout, LayoutError
 
 MANIFEST = "manifest.json"
@@ -83,14 +85,36 @@ def create_shared_copy(model_dir: str | Path, layout: Layout, directory: str | P
                     raise SharedCopyError(f"{param.name}: its checkpoint tensors mix {dtype} and {source.dtype}")
                 tensor[s.rows[0]:s.rows[1]].copy_(source[s.hf_rows[0]:s.hf_rows[1]])
             handles[param.name] = handle
-        manifest = {"model_dir": str(model_dir), "layout": layout.to_dict(),
-                    "handles": {name: h.to_dict() for name, h in handles.items()}}
-        (directory / MANIFEST).write_text(json.dumps(manifest))
-        os.chmod(directory / MANIFEST, 0o600)
+        _write_manifest(directory, model_dir, layout, handles)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return handles
+
+
+def publish_handles(directory: str | Path, model_dir: str | Path, layout: Layout,
+                    handles: Mapping[str, WeightHandle]) -> None:
+    """Publish handles of weights that live elsewhere (vLLM's own GPU tensors) the way a
+    shared copy is published: a fresh 0700 ``livetrain-*`` directory with ``manifest.json``.
+
+    Whatever an earlier server left in ``directory`` is removed first: step-undo records
+    and state there describe weights that no longer exist.
+    """
+    directory = Path(directory)
+    if not directory.name.startswith(SHM_PREFIX):
+        raise SharedCopyError(f"weights directory {directory} must be named {SHM_PREFIX}*")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700)
+    _write_manifest(directory, model_dir, layout, handles)
+
+
+def _write_manifest(directory: Path, model_dir: str | Path, layout: Layout,
+                    handles: Mapping[str, WeightHandle]) -> None:
+    manifest = {"model_dir": str(model_dir), "layout": layout.to_dict(),
+                "handles": {name: h.to_dict() for name, h in handles.items()}}
+    fd = os.open(directory / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(manifest))
 
 
 def read_manifest(directory: str | Path) -> dict:

@@ -56,6 +56,7 @@ class StepUndo:
         self.directory = None if directory is None else Path(directory)
         if self.directory is None:
             self.saved = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in self.live]
+        # With a directory the copies are host memory whatever the device of the weights.
         else:
             self.saved = self._create_files()
 
@@ -75,14 +76,17 @@ class StepUndo:
 
     def begin(self, weights_version: int) -> None:
         """Copy the live tensors, then mark the step that makes ``weights_version`` as in progress."""
-        torch._foreach_copy_(self.saved, [t.detach() for t in self.live])
+        with torch.no_grad():
+            for saved, live in zip(self.saved, self.live):  # across devices too (GPU weights, host copies)
+                saved.copy_(live)
         if self.directory is not None:
             _write_atomically(self.directory / MARK_FILE, str(weights_version).encode())
 
     def restore(self) -> None:
         """Put the saved tensors back into the live ones (the step is undone)."""
         with torch.no_grad():
-            torch._foreach_copy_([t.detach() for t in self.live], self.saved)
+            for saved, live in zip(self.saved, self.live):
+                live.copy_(saved)
 
     def end(self, kept_state: bytes | None = None) -> None:
         """The step is over. If it was kept, ``kept_state`` (the caller's state after it)
