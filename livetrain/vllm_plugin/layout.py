@@ -15,7 +15,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from livetrain.weights import Layout, LayoutError, ParamLayout, ParamSlice, checkpoint_tensors
+from livetrain.checkpoint.safetensors_layout import ModelLayout
+from livetrain.weights import Layout, LayoutError, ParamLayout, ParamSlice
 from livetrain.weights.handles import dtype_name
 
 
@@ -31,7 +32,7 @@ def derive_layout(model: nn.Module, model_dir: str, dtype: torch.dtype, tp_size:
     packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
     params = dict(model.named_parameters())
     aliases = _tied_aliases(model)
-    stored = checkpoint_tensors(model_dir)
+    stored = ModelLayout.read(model_dir).tensors  # Hugging Face name -> where it is stored
 
     pieces: dict[str, list[tuple[int, str]]] = defaultdict(list)  # vLLM name -> (shard index, HF name)
     for hf_name in stored:
@@ -55,14 +56,14 @@ def derive_layout(model: nn.Module, model_dir: str, dtype: torch.dtype, tp_size:
         sizes = getattr(module, "output_sizes", None)
         slices = []
         for index, hf_name in sorted(pieces[name]):
-            rows = stored[hf_name][1][0]
+            rows = stored[hf_name].shape[0]
             start = sum(sizes[:index]) if sizes is not None and len(pieces[name]) > 1 else 0
             if len(pieces[name]) > 1 and sizes[index] != rows:
                 raise LayoutError(f"{hf_name}: {rows} rows, but shard {index} of {name} has {sizes[index]}")
             slices.append(ParamSlice(hf_name, (start, start + rows), (0, rows)))
         layouts[name] = ParamLayout(name, shape, dtype_name(dtype), tuple(slices))
 
-    hf_shapes = {hf: stored[hf][1] for pieces_ in pieces.values() for _, hf in pieces_}
+    hf_shapes = {hf: stored[hf].shape for pieces_ in pieces.values() for _, hf in pieces_}
     tied = {alias: next(hf for _, hf in pieces[target]) for alias, target in aliases.items()}
     return Layout(layouts, hf_shapes, tied)
 

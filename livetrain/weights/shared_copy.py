@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from livetrain.checkpoint.safetensors_layout import ModelLayout
 from livetrain.weights.handles import (SharedMemoryHandle, WeightHandle, create_shared_file, dtype_from_name,
                                       handle_from_dict, map_handle)
 from livetrain.weights.layout import Layout, LayoutError
@@ -32,22 +33,6 @@ SHM_PREFIX = "livetrain-"
 
 class SharedCopyError(RuntimeError):
     """The shared copy cannot be created or opened (directory taken, manifest missing or stale)."""
-
-
-def checkpoint_tensors(model_dir: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Every tensor in a model directory's safetensors files: name -> (file name, shape).
-
-    Reads only the headers.
-    """
-    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise SharedCopyError(f"{model_dir} has no .safetensors files")
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = (path.name, tuple(f.get_slice(name).get_shape()))
-    return tensors
 
 
 def create_shared_copy(model_dir: str | Path, layout: Layout, directory: str | Path) -> dict[str, SharedMemoryHandle]:
@@ -66,7 +51,7 @@ def create_shared_copy(model_dir: str | Path, layout: Layout, directory: str | P
     except FileExistsError:
         raise SharedCopyError(f"{directory} already exists; open it or remove it first") from None
     try:
-        stored = checkpoint_tensors(model_dir)
+        stored = ModelLayout.read(model_dir).tensors
         files: dict[str, object] = {}
         handles: dict[str, SharedMemoryHandle] = {}
         for index, param in enumerate(layout.params.values()):
@@ -74,7 +59,7 @@ def create_shared_copy(model_dir: str | Path, layout: Layout, directory: str | P
             for s in param.slices:
                 if s.hf_name not in stored:
                     raise LayoutError(f"{param.name}: {s.hf_name} is not in {model_dir}")
-                file_name = stored[s.hf_name][0]
+                file_name = stored[s.hf_name].file
                 if file_name not in files:
                     files[file_name] = safe_open(Path(model_dir) / file_name, framework="pt")
                 sources.append((s, files[file_name].get_tensor(s.hf_name)))
