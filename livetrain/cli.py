@@ -25,7 +25,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from livetrain.train.step import InvalidExampleError
     from livetrain.vllm_plugin.launcher import UnsupportedVllmConfig, VllmStartError
     from livetrain.vllm_plugin.plugins import AccessRuleError
-    from livetrain.worker.lock import DirectoryInUse
+    from livetrain.checkpoint import DirectoryInUse
 
     return (UsageError, VllmStartError, UnsupportedVllmConfig, AccessRuleError, CheckpointError, LivetrainError, DefaultModelMissing, DataFormatError,
             InvalidExampleError, DirectoryInUse, FileNotFoundError, FileExistsError)

@@ -26,7 +26,7 @@ from livetrain.vllm_plugin.launcher import VllmLaunch, check_supported, start_vl
 from livetrain.vllm_plugin.plugins import check_access_rule
 from livetrain.vllm_plugin.settings import PluginSettings
 from livetrain.weights import remove_shared_copy
-from livetrain.worker.lock import STATE_DIRNAME, DirectoryLock
+from livetrain.checkpoint.lock import STATE_DIRNAME, DirectoryLock
 from livetrain.worker.process import WorkerProcess, new_runtime_dir, worker_address
 from livetrain.worker.session import DEFAULT_TRAIN_MODULES
 

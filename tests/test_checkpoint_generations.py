@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from livetrain.checkpoint import (BLOCK_SIZE, DirectoryBusyError, GenerationNotFoundError, ModelDirectory,
+from livetrain.checkpoint import (BLOCK_SIZE, DirectoryInUse, GenerationNotFoundError, ModelDirectory,
                                   NotWritableError, SyncScheduler)
 from livetrain.checkpoint import fileio, journal
 from livetrain.checkpoint.block_diff import ChangedBlocks
@@ -100,7 +100,7 @@ def test_verify_names_the_damaged_file_and_tensor(tiny_model_dir):
 def test_only_one_writer_and_read_only_readers(tiny_model_dir):
     model_dir = tiny_model_dir()
     with ModelDirectory.open(model_dir):
-        with pytest.raises(DirectoryBusyError):
+        with pytest.raises(DirectoryInUse):
             ModelDirectory.open(model_dir)
         reader = ModelDirectory.open(model_dir, read_only=True)
         assert reader.verify().ok

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from livetrain.train.data import DataFormatError
-from livetrain.worker.lock import DirectoryInUse
+from livetrain.checkpoint import DirectoryInUse
 from livetrain.worker.offline import train_offline
 from livetrain.worker.session import TrainingSession
 from tests.session_helpers import CHATS, files_digest

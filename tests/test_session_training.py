@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from livetrain.train.step import InvalidExampleError, StepOptions
-from livetrain.worker.lock import DirectoryInUse
+from livetrain.checkpoint import DirectoryInUse
 from livetrain.worker.session import DEFAULT_TRAIN_MODULES, ProbeGuard, TrainingSession, load_model
 from tests.session_helpers import example, files_digest
 

@@ -19,7 +19,7 @@ from livetrain.worker.process import WorkerProcess
 from livetrain.worker.protocol import WorkerError
 from livetrain.worker.server import WorkerServer
 from livetrain.worker.session import TrainingSession
-from livetrain.worker.lock import DirectoryInUse
+from livetrain.checkpoint import DirectoryInUse
 from tests.session_helpers import example, files_digest, wire
 
 

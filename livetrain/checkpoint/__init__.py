@@ -5,14 +5,14 @@ and the undo records of the last N generations give rollback. See docs/checkpoin
 """
 
 from livetrain.checkpoint.block_diff import BLOCK_SIZE, TensorTarget
-from livetrain.checkpoint.errors import (CheckpointError, DamagedFileError, DirectoryBusyError, DiskFullError,
+from livetrain.checkpoint.errors import (CheckpointError, DamagedFileError, DirectoryInUse, DiskFullError,
                                          GenerationNotFoundError, LayoutMismatchError, MissingFileError,
                                          NotWritableError, RecoveryError)
 from livetrain.checkpoint.generations import Generation, ModelDirectory, SyncResult, VerifyReport
 from livetrain.checkpoint.scheduler import SyncScheduler
 
 __all__ = [
-    "BLOCK_SIZE", "CheckpointError", "DamagedFileError", "DirectoryBusyError", "DiskFullError", "Generation",
+    "BLOCK_SIZE", "CheckpointError", "DamagedFileError", "DirectoryInUse", "DiskFullError", "Generation",
     "GenerationNotFoundError", "LayoutMismatchError", "MissingFileError", "ModelDirectory", "NotWritableError",
     "RecoveryError", "SyncResult", "SyncScheduler", "TensorTarget", "VerifyReport",
 ]

@@ -32,8 +32,8 @@ class DiskFullError(CheckpointError):
     """No space left while writing the journal or the model files."""
 
 
-class DirectoryBusyError(CheckpointError):
-    """Another process holds the model directory open for writing."""
+class DirectoryInUse(CheckpointError):
+    """Another livetrain process holds the model directory open for writing."""
 
 
 class GenerationNotFoundError(CheckpointError):

@@ -2,9 +2,8 @@
 
 A sync compares the live tensors with the files (`block_diff`), writes an undo record
 (`journal`), then changes the files, then commits a generation. Files under
-``DIR/.livetrain/checkpoint/``:
+``DIR/.livetrain/checkpoint/`` (the writer holds ``DIR/.livetrain/lock``, see `lock`):
 
-    lock                 held (flock) by the one process that may write
     <g>.undo             undo record of generation g (see `journal`)
     <g>.old/<file>       previous version of a file that generation g replaced whole
     <g>.json             commit record: its presence is what makes generation g committed
@@ -19,7 +18,6 @@ before the first sync.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import mmap
@@ -38,8 +36,9 @@ import torch
 
 from livetrain.checkpoint import fileio, journal
 from livetrain.checkpoint.block_diff import CHUNK_BYTES, ChangedBlocks, NameMap, diff_placements, place_tensors
-from livetrain.checkpoint.errors import (CheckpointError, DirectoryBusyError, GenerationNotFoundError,
+from livetrain.checkpoint.errors import (CheckpointError, GenerationNotFoundError,
                                          MissingFileError, NotWritableError)
+from livetrain.checkpoint.lock import DirectoryLock
 from livetrain.checkpoint.safetensors_layout import ModelLayout
 
 CHECKPOINT_DIR = Path(".livetrain") / "checkpoint"
@@ -104,11 +103,11 @@ class ModelDirectory:
     writing. `sync` and `rollback` are serialised within the process too.
     """
 
-    def __init__(self, path: Path, keep_generations: int, read_only: bool, lock_fd: int | None):
+    def __init__(self, path: Path, keep_generations: int, read_only: bool, lock: DirectoryLock | None):
         self.path = path
         self.keep_generations = keep_generations
         self.read_only = read_only
-        self._lock_fd = lock_fd
+        self._lock = lock
         self._mutex = threading.Lock()
         # file -> ((st_dev, st_ino, size), uint8 [size] read-only shared map), kept between syncs
         self._maps: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
@@ -117,12 +116,13 @@ class ModelDirectory:
 
     @classmethod
     def open(cls, model_dir: str | os.PathLike, keep_generations: int = DEFAULT_KEEP_GENERATIONS,
-             *, read_only: bool = False) -> ModelDirectory:
-        """Open `model_dir`; for writing (the default) it takes the directory's lock and
-        undoes any interrupted sync or finishes an interrupted rollback.
+             *, read_only: bool = False, holder: str = "livetrain checkpoint") -> ModelDirectory:
+        """Open `model_dir`; for writing (the default) it takes the directory's lock (in
+        the name of `holder`, which a refused opener is shown) and undoes any interrupted
+        sync or finishes an interrupted rollback.
 
         `read_only` takes no lock and changes nothing (status, log, verify beside a
-        running server). Raises `MissingFileError`, `DirectoryBusyError`,
+        running server). Raises `MissingFileError`, `DirectoryInUse`,
         `NotWritableError`, `RecoveryError`.
         """
         path = Path(model_dir).resolve()
@@ -135,13 +135,7 @@ class ModelDirectory:
         ckdir = path / CHECKPOINT_DIR
         with fileio.translated(ckdir, "creating"):
             ckdir.mkdir(parents=True, exist_ok=True)
-        lock_fd = fileio.open_fd(ckdir / "lock", os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise DirectoryBusyError(f"{path} is open for writing by another process") from None
-        directory = cls(path, keep_generations, False, lock_fd)
+        directory = cls(path, keep_generations, False, DirectoryLock(path, holder))
         try:
             directory._recover()
         except BaseException:
@@ -152,9 +146,9 @@ class ModelDirectory:
     def close(self) -> None:
         """Release the directory's lock and its file maps."""
         self._maps.clear()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> ModelDirectory:
         return self
@@ -212,7 +206,7 @@ class ModelDirectory:
     def _require_writable(self) -> None:
         if self.read_only:
             raise NotWritableError(f"{self.path} was opened read-only")
-        if self._lock_fd is None:
+        if self._lock is None:
             raise CheckpointError(f"{self.path} is closed")
 
     # --------------------------------------------------------------------- sync

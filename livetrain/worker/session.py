@@ -8,7 +8,8 @@ model whose parameters are views of the served weights.
 
 Invariants:
 
-* one session per directory (``DIR/.livetrain/lock``, see :mod:`livetrain.worker.lock`);
+* one session per directory: it opens the directory for writing, which takes its lock
+  (see :mod:`livetrain.checkpoint.lock`);
 * a step and a sync never overlap (one lock), so a sync never sees half a step;
 * optimizer state lives in ``DIR/.livetrain/optimizer.pt``, written atomically (temp
   file + rename) at every sync, every ``save_every`` applied steps and on close, and is
@@ -43,7 +44,7 @@ from livetrain.train.context_cache import ContextCache
 from livetrain.train.data import Example
 from livetrain.train.step import StepOptions, StepResult, continuation_logprobs, train_step
 from livetrain.weights.step_undo import StepUndo, last_kept_state, take_undo_report, undo_torn_step
-from livetrain.worker.lock import STATE_DIRNAME, DirectoryLock
+from livetrain.checkpoint.lock import STATE_DIRNAME
 
 # Context-frozen training's natural target is W_q (what the continuation looks for in
 # the frozen context); k, v and o come with it because vLLM refreshes q|k|v as one
@@ -107,7 +108,7 @@ class TrainingSession:
     """Owns a model directory while training it. Use :meth:`open`; close when done."""
 
     def __init__(self, model_dir: Path, model: torch.nn.Module, directory: ModelDirectory,
-                 lock: DirectoryLock, optimizer_kind: str, train_modules: str, lr: float,
+                 optimizer_kind: str, train_modules: str, lr: float,
                  sync_interval_s: float | None, save_every: int, probe: ProbeGuard | None,
                  live_state_dir: Path | None = None) -> None:
         self.model_dir = model_dir
@@ -123,7 +124,6 @@ class TrainingSession:
         self.optimizer_path = self.state_dir / "optimizer.pt"
         self.live_state_dir = live_state_dir
         self.metrics_path = self.state_dir / "metrics.jsonl"
-        self._lock = lock
         self._mutex = threading.RLock()  # a step, a sync and a rollback never overlap
         self.optimizer = build_optimizer(model, optimizer_kind, train_modules, lr)
         names = {id(p): n for n, p in model.named_parameters()}
@@ -174,19 +174,15 @@ class TrainingSession:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         model_dir = Path(model_dir)
-        lock = DirectoryLock(model_dir, holder)
-        directory = None
+        directory = ModelDirectory.open(model_dir, keep_generations=keep_generations, holder=holder)
         try:
-            directory = ModelDirectory.open(model_dir, keep_generations=keep_generations)
             if model is None:
                 model = load_model(model_dir)
-            return cls(model_dir, model, directory, lock, optimizer, train_modules,
+            return cls(model_dir, model, directory, optimizer, train_modules,
                        DEFAULT_LR if lr is None else lr, sync_interval_s, save_every, probe,
                        None if live_state_dir is None else Path(live_state_dir))
         except BaseException:
-            if directory is not None:
-                directory.close()
-            lock.release()
+            directory.close()
             raise
 
     # ---- training -------------------------------------------------------------------
@@ -386,7 +382,7 @@ class TrainingSession:
         return buffer.getvalue()
 
     def close(self) -> None:
-        """Stop the scheduler, sync unsynced changes, save state, release the lock."""
+        """Stop the scheduler, sync unsynced changes, save state, release the directory."""
         if self._closed:
             return
         try:
@@ -398,8 +394,7 @@ class TrainingSession:
                 self.save_optimizer_state()
         finally:
             self._closed = True
-            self.directory.close()
-            self._lock.release()
+            self.directory.close()  # releases the directory's lock
 
     def __enter__(self) -> "TrainingSession":
         return self

@@ -1,8 +1,10 @@
-"""One owner per model directory: an exclusive ``flock`` on ``DIR/.livetrain/lock``.
+"""One writer per model directory: an exclusive ``flock`` on ``DIR/.livetrain/lock``.
 
 A server, an offline trainer and a rollback each write the directory's safetensors
-files and ``.livetrain/`` state; two of them at once would interleave syncs. The lock
-dies with its process (the kernel drops it), so a crash never leaves a stale lock.
+files and ``.livetrain/`` state; two of them at once would interleave syncs. Whoever
+opens a `ModelDirectory` for writing takes this lock, naming itself, so the next one is
+told who holds it. The lock dies with its process (the kernel drops it), so a crash
+never leaves a stale lock.
 """
 
 from __future__ import annotations
@@ -13,11 +15,9 @@ import os
 import time
 from pathlib import Path
 
+from livetrain.checkpoint.errors import DirectoryInUse
+
 STATE_DIRNAME = ".livetrain"
-
-
-class DirectoryInUse(RuntimeError):
-    """Another livetrain process holds the model directory."""
 
 
 class DirectoryLock:
