@@ -135,3 +135,21 @@ def test_worker_killed_mid_step_is_undone_and_resumes(tiny_model_dir):
         assert len(events) == 1
     finally:
         remove_shared_copy(shared)
+
+
+def test_a_removed_directory_does_not_stop_the_steps(tmp_path):
+    live = live_tensors()
+    directory = tmp_path / "copy"
+    directory.mkdir()
+    undo = StepUndo(live, directory)
+    for path in directory.iterdir():  # what a server stopping at once does to the shared copy
+        path.unlink()
+    directory.rmdir()
+    undo.begin(1)
+    live["a"].add_(1.0)
+    undo.end(kept_state=b"state")
+    undo.begin(2)
+    live["a"].add_(1.0)
+    undo.restore()
+    undo.end()
+    assert torch.equal(live["a"], live_tensors()["a"] + 1.0) and not directory.exists()

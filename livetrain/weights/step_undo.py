@@ -54,6 +54,7 @@ class StepUndo:
         self.names = list(live)
         self.live = [live[n] for n in self.names]
         self.directory = None if directory is None else Path(directory)
+        self._version = 0  # of the step in progress
         if self.directory is None:
             self.saved = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in self.live]
         # With a directory the copies are host memory whatever the device of the weights.
@@ -80,7 +81,8 @@ class StepUndo:
             for saved, live in zip(self.saved, self.live):  # across devices too (GPU weights, host copies)
                 saved.copy_(live)
         if self.directory is not None:
-            _write_atomically(self.directory / MARK_FILE, str(weights_version).encode())
+            self._write(MARK_FILE, str(weights_version).encode())
+        self._version = weights_version
 
     def restore(self) -> None:
         """Put the saved tensors back into the live ones (the step is undone)."""
@@ -93,19 +95,28 @@ class StepUndo:
         is written first: that write commits the step. Then the mark goes."""
         if self.directory is None:
             return
-        mark = self.directory / MARK_FILE
         if kept_state is not None:
-            self.keep_state(int(mark.read_text()), kept_state)
-        mark.unlink(missing_ok=True)
+            self.keep_state(self._version, kept_state)
+        (self.directory / MARK_FILE).unlink(missing_ok=True)
 
     def keep_state(self, weights_version: int, state: bytes) -> None:
         """Record ``state`` as the caller's state at ``weights_version`` (replacing older ones)."""
         if self.directory is None:
             return
-        _write_atomically(self.directory / f"{STATE_PREFIX}{weights_version}.pt", state)
+        self._write(f"{STATE_PREFIX}{weights_version}.pt", state)
         for version, path in _state_files(self.directory):
             if version != weights_version:
                 path.unlink(missing_ok=True)
+
+
+    def _write(self, name: str, data: bytes) -> None:
+        assert self.directory is not None
+        try:
+            _write_atomically(self.directory / name, data)
+        except FileNotFoundError:
+            # The directory was removed under us: the server is stopping at once (a second
+            # signal) and this process only syncs before it exits; there is nothing to recover.
+            pass
 
 
 def undo_torn_step(directory: str | os.PathLike, live: Mapping[str, torch.Tensor]) -> dict | None:
