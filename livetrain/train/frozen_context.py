@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
+from livetrain.train.frozen_attention import frozen_context_attention
+
 __all__ = ["FrozenContext", "prefill", "continuation_logits"]
 
 
@@ -117,9 +119,12 @@ def continuation_logits(model: torch.nn.Module, frozen: FrozenContext | None,
                         input_ids: torch.Tensor) -> torch.Tensor:
     """Logits for `input_ids` ([T]) run on top of `frozen` (or from scratch if None).
 
-    Runs with whatever grad mode the caller is in; the frozen state is only read.
+    Runs with whatever grad mode the caller is in; the frozen state is only read. With grad,
+    attention computes no key/value gradient for the frozen context (see `frozen_attention`).
     Returns [T, V] logits in float32 (the loss is computed in fp32 whatever the model's dtype).
     """
-    cache = frozen.fork() if frozen is not None else None
-    out = model(input_ids=input_ids.view(1, -1), past_key_values=cache, use_cache=frozen is not None)
+    if frozen is None:
+        return model(input_ids=input_ids.view(1, -1), use_cache=False).logits[0].float()
+    with frozen_context_attention(model):
+        out = model(input_ids=input_ids.view(1, -1), past_key_values=frozen.fork(), use_cache=True)
     return out.logits[0].float()
