@@ -154,14 +154,16 @@ def _trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all `tensors` together (float32, on their device)."""
     if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)))
 
 
 def _example_loss(model, ex: Example, options: StepOptions, device, cache,
-                  scale: float) -> tuple[torch.Tensor, dict[str, float], bool]:
-    """The loss of one example times `scale`, plus its metrics and whether its context was cached."""
+                  scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+    """The loss of one example times `scale`, plus its metrics (0-dim tensors) and whether its
+    context was cached."""
     context = _ids(ex.context_ids, device)
     frozen, hit = _frozen_context(model, context, cache)
     if isinstance(ex, SFTExample):
@@ -171,7 +173,7 @@ def _example_loss(model, ex: Example, options: StepOptions, device, cache,
     rejected = _answer_logprobs(model, frozen, context, _ids(ex.rejected_ids, device))
     if options.loss == "orpo":
         loss, log_odds = orpo_loss(chosen, rejected, options.orpo_lambda)
-        return loss * scale, {"log_odds_ratio": log_odds.item()}, hit
+        return loss * scale, {"log_odds_ratio": log_odds}, hit
     if ex.ref_chosen_logp is None:
         # The reference is the current weights before the update: within this step they are
         # exactly the policy's, so its log-probs are the policy's, detached.
@@ -179,7 +181,7 @@ def _example_loss(model, ex: Example, options: StepOptions, device, cache,
     else:
         ref_c, ref_r = ex.ref_chosen_logp, ex.ref_rejected_logp
     loss, margin = dpo_loss(chosen, rejected, ref_c, ref_r, options.dpo_beta)
-    return loss * scale, {"reward_margin": margin.item()}, hit
+    return loss * scale, {"reward_margin": margin}, hit
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, examples: Sequence[Example],
@@ -212,16 +214,22 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
         return StepResult(loss, tokens, grad_norm, 0.0, False, reason, time.perf_counter() - start,
                           hits, len(examples), metrics)
 
-    total_loss, hits, metrics = 0.0, 0, {}
+    losses, hits, metric_values = [], 0, {}
     for ex in examples:
         loss, ex_metrics, hit = _example_loss(model, ex, options, device, context_cache, scale)
         hits += hit
         for k, v in ex_metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + v / len(examples)
-        if not torch.isfinite(loss):
-            return refuse(float("nan"), float("nan"), "non-finite loss")
-        total_loss += loss.item()
+            metric_values.setdefault(k, []).append(v)
         loss.backward()
+        losses.append(loss.detach())
+    # One host sync for the batch's losses and metrics. An example whose loss is not finite
+    # has run its backward too; the step is refused below and the gradients dropped.
+    names = list(metric_values)
+    rows = torch.stack([torch.stack(losses)] + [torch.stack(metric_values[k]) for k in names]).tolist()
+    total_loss = sum(rows[0])
+    metrics = {k: sum(row) / len(examples) for k, row in zip(names, rows[1:])}
+    if not math.isfinite(total_loss):
+        return refuse(float("nan"), float("nan"), "non-finite loss")
 
     grads = [p.grad for p in params if p.grad is not None]
     grad_norm = _total_norm(grads).item()
