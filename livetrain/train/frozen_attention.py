@@ -39,44 +39,45 @@ IMPLEMENTATION = "livetrain_frozen_context"
 _BLOCK_BYTES = 32 << 20
 
 
-def _scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _scores(query: torch.Tensor, key: torch.Tensor, hidden: torch.Tensor | None, first: int) -> torch.Tensor:
     """fp32 scores [B, KV, G·t, S] of scaled queries [B, KV, G, t, D] over keys [B, KV, S, D];
-    -inf where the mask ([B|1, 1, t, S], False = hidden) hides a key."""
+    -inf where `hidden` ([B|1, 1, t, S − first], True = hidden) hides key `first` + j."""
     b, kv, g, t, d = query.shape
     scores = torch.matmul(query.reshape(b, kv, g * t, d), key.transpose(-1, -2)).float()
-    if mask is not None:
-        scores.view(b, kv, g, t, -1).masked_fill_(~mask.unsqueeze(2), -math.inf)
+    if hidden is not None:
+        scores.view(b, kv, g, t, -1)[..., first:].masked_fill_(hidden.unsqueeze(2), -math.inf)
     return scores
 
 
 class _FrozenPrefixAttention(torch.autograd.Function):
     """softmax(Q·Kᵀ, masked)·V for scaled queries Q [B, KV, G, T, D] (the G query heads of each
-    key head), keys and values [B, KV, S, D]. Backward gives no gradient to the first S − T
-    keys and values. `block`: None keeps the probabilities for backward; else the number of
-    query positions per block, whose probabilities backward recomputes."""
+    key head), keys and values [B, KV, S, D]; `hidden`, `first` as in `_scores`. Backward gives
+    no gradient to the first S − T keys and values. `block`: None keeps the probabilities for
+    backward; else the number of query positions per block, whose probabilities backward
+    recomputes."""
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, block):
+    def forward(ctx, query, key, value, hidden, first, block):
         b, kv, g, t, _ = query.shape
         out = query.new_empty(b, kv, g, t, value.shape[-1])
         if block is None:
-            probs = torch.softmax(_scores(query, key, mask), dim=-1)
+            probs = torch.softmax(_scores(query, key, hidden, first), dim=-1)
             torch.matmul(probs.to(value.dtype), value, out=out.view(b, kv, g * t, -1))
-            ctx.save_for_backward(query, key, value, mask, probs)
+            ctx.save_for_backward(query, key, value, hidden, out, probs)
         else:
             lse = query.new_empty(b, kv, g, t, 1, dtype=torch.float32)  # log-sum-exp of each row
             for rows in _blocks(t, block):
-                scores = _scores(query[:, :, :, rows], key, None if mask is None else mask[:, :, rows])
+                scores = _scores(query[:, :, :, rows], key, _rows(hidden, rows), first)
                 lse[:, :, :, rows] = torch.logsumexp(scores, dim=-1, keepdim=True).view_as(lse[:, :, :, rows])
                 probs = scores.sub_(lse[:, :, :, rows].flatten(2, 3)).exp_().to(value.dtype)
                 out[:, :, :, rows] = torch.matmul(probs, value).view_as(out[:, :, :, rows])
-            ctx.save_for_backward(query, key, value, mask, lse)
-        ctx.block = block
+            ctx.save_for_backward(query, key, value, hidden, out, lse)
+        ctx.first, ctx.block = first, block
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, mask, saved = ctx.saved_tensors
+        query, key, value, hidden, out, saved = ctx.saved_tensors
         b, kv, g, t, d = query.shape
         new = key.shape[2] - t  # the continuation's own keys start here
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
@@ -89,21 +90,27 @@ class _FrozenPrefixAttention(torch.autograd.Function):
             if ctx.block is None:
                 probs = saved
             else:
-                probs = _scores(query[:, :, :, rows], key, None if mask is None else mask[:, :, rows])
+                probs = _scores(query[:, :, :, rows], key, _rows(hidden, rows), ctx.first)
                 probs = probs.sub_(saved[:, :, :, rows].flatten(2, 3)).exp_()
             if need_v:
                 grad_v[:, :, new:] += torch.matmul(probs[..., new:].transpose(-1, -2).to(value.dtype), grad_out_rows)
+            # dS = P ∘ (dP − rowsum(dO ∘ O)), dP = dO·Vᵀ
+            delta = (grad_out_rows.float() * out[:, :, :, rows].flatten(2, 3).float()).sum(-1, keepdim=True)
             grad_probs = torch.matmul(grad_out_rows, value.transpose(-1, -2)).float()
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).to(key.dtype)
+            grad_scores = grad_probs.sub_(delta).mul_(probs).to(key.dtype)
             if need_q:
                 grad_q[:, :, :, rows] = torch.matmul(grad_scores, key).view_as(grad_q[:, :, :, rows])
             if need_k:
                 grad_k[:, :, new:] += torch.matmul(grad_scores[..., new:].transpose(-1, -2), q_rows)
-        return grad_q, grad_k, grad_v, None, None
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 def _blocks(length: int, block: int) -> Iterator[slice]:
     return (slice(start, min(start + block, length)) for start in range(0, length, block))
+
+
+def _rows(hidden: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if hidden is None else hidden[:, :, rows]
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -121,17 +128,24 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     kv, s = key.shape[1], key.shape[2]
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    if attention_mask is None and t > 1 and is_causal:
-        # SDPA's None: causal, aligned to the last key (query i sees keys up to S − T + i)
-        attention_mask = torch.arange(s, device=query.device) <= torch.arange(s - t, s, device=query.device)[:, None]
-        attention_mask = attention_mask.view(1, 1, t, s)
+    # Masking only the keys some query cannot see: after a frozen context, T − 1 of them.
+    if attention_mask is not None:
+        hidden = ~attention_mask
+        seen_by_all = ~hidden.any(dim=-2).flatten(0, -2).any(dim=0)  # [S]
+        first = s if bool(seen_by_all.all()) else int(torch.argmin(seen_by_all.to(torch.uint8)))
+        hidden = hidden[..., first:] if first < s else None
+    elif t > 1 and is_causal:  # SDPA's None: causal, aligned to the last key
+        first = s - t
+        hidden = torch.ones(t, t, dtype=torch.bool, device=query.device).triu_(1).view(1, 1, t, t)
+    else:
+        first, hidden = s, None
     scaling = d ** -0.5 if scaling is None else scaling
     # Keep the probabilities (4·T bytes per head and key) if SDPA would keep more: the keys
     # and values repeated per query head (2·D elements per head and key).
     keep = h > kv and 4 * t <= 2 * d * key.element_size()
     block = None if keep else max(1, _BLOCK_BYTES // (8 * b * h * s))
     grouped = (query * scaling).reshape(b, kv, h // kv, t, d)  # query head i uses key head i // (H / KV)
-    out = _FrozenPrefixAttention.apply(grouped, key, value, attention_mask, block)
+    out = _FrozenPrefixAttention.apply(grouped, key, value, hidden, first, block)
     return out.view(b, h, t, -1).transpose(1, 2), None
 
 
