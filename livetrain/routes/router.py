@@ -248,9 +248,29 @@ async def rollback(request: Request, routes: TrainingRoutes, request_id: str) ->
     return result
 
 
-router.add_api_route("/train", _handled(train), methods=["POST"])
-router.add_api_route("/train/logprobs", _handled(logprobs), methods=["POST"])
+def _documented_body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    """OpenAPI for a body the endpoint reads itself (to check its size before parsing it):
+    the model's JSON schema with its definitions inlined, so it stands alone in the document."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+router.add_api_route("/train", _handled(train), methods=["POST"], openapi_extra=_documented_body(TrainBody))
+router.add_api_route("/train/logprobs", _handled(logprobs), methods=["POST"],
+                     openapi_extra=_documented_body(LogprobsBody))
 router.add_api_route("/train/status", _handled(status), methods=["GET"])
-router.add_api_route("/checkpoint", _handled(checkpoint), methods=["POST"])
+router.add_api_route("/checkpoint", _handled(checkpoint), methods=["POST"],
+                     openapi_extra=_documented_body(CheckpointBody, required=False))
 router.add_api_route("/checkpoint", _handled(generations), methods=["GET"])
-router.add_api_route("/rollback", _handled(rollback), methods=["POST"])
+router.add_api_route("/rollback", _handled(rollback), methods=["POST"], openapi_extra=_documented_body(RollbackBody))
