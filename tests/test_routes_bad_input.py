@@ -166,6 +166,43 @@ def test_side_channels_are_private(served):
     assert stat.S_IMODE(shared.stat().st_mode) & 0o077 == 0
 
 
+def test_another_user_cannot_reach_the_worker_or_the_weights(served):
+    """As uid 65534 a process can neither connect to the worker's socket nor open a weight file."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to another user id needs root")
+    _, _, shared, process = served
+    socket_path = process.address[len("ipc://"):]
+    weight_file = next(p for p in shared.iterdir() if p.suffix == ".bin")
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the other user: report what it could do, then leave without cleanup
+        outcome = []
+        try:
+            os.close(read)
+            os.setgid(65534)
+            os.setuid(65534)
+            import socket
+
+            for attempt in (lambda: socket.socket(socket.AF_UNIX).connect(socket_path),
+                            lambda: open(weight_file, "rb").read(1)):
+                try:
+                    attempt()
+                    outcome.append("allowed")
+                except PermissionError:
+                    outcome.append("refused")
+                except OSError as exc:
+                    outcome.append(type(exc).__name__)
+        finally:
+            os.write(write, ",".join(outcome).encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        outcome = pipe.read()
+    os.waitpid(child, 0)
+    assert outcome == "refused,refused"
+    assert process.request("status")["weights_version"] >= 0  # our own user is answered
+
+
 def test_refreshes_of_the_served_weights_never_overlap(tmp_path, tokenizer_dir):
     """Steps that finish close together publish one after another (vLLM's weight-update
     API refuses a second update while one is active)."""
