@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import threading
@@ -25,12 +24,11 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from livetrain.default_model import init_default  # noqa: E402
+from bench.common import add_model_argument, fresh_model_copy  # noqa: E402
 from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
 
 VLLM_ARGS = ("--enforce-eager", "--max-model-len", "2048", "--served-model-name", "m")
@@ -86,17 +84,14 @@ def measure(model_dir: Path, port: int, prefix_caching: bool, count: int, every_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO / ".cache" / "smollm2-135m-bf16")
+    add_model_argument(parser)
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--train-every", type=float, default=0.5)
     parser.add_argument("--port", type=int, default=8194)
     args = parser.parse_args()
 
-    base_model = init_default(args.model, dtype=torch.bfloat16)
-    work = REPO / ".cache" / "bench-prefix-cache"
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(base_model, work / "model")
-    results = {name: measure(work / "model", args.port, on, args.requests, args.train_every)
+    model_dir = fresh_model_copy(args.model, "bench-prefix-cache")
+    results = {name: measure(model_dir, args.port, on, args.requests, args.train_every)
                for name, on in (("prefix caching on, reset after each step", True),
                                 ("prefix caching off", False))}
     print(f"{'server':<42} {'idle median':>12} {'training median':>16} {'training p90':>13} {'steps':>6}")

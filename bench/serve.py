@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,12 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from livetrain.default_model import init_default  # noqa: E402
+from bench.common import add_model_argument, fresh_model_copy  # noqa: E402
 from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
 from livetrain.vllm_plugin.launcher import ENTRY_MODULE, log_tail, stop_vllm  # noqa: E402
 
@@ -209,18 +207,15 @@ def livetrain_serve(model_dir: Path, port: int, runs: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO / ".cache" / "smollm2-135m-bf16")
+    add_model_argument(parser)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--port", type=int, default=8191)
     args = parser.parse_args()
 
-    base_model = init_default(args.model, dtype=torch.bfloat16)
-    work = REPO / ".cache" / "bench-serve"
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(base_model, work / "model")
-    plain = plain_vllm(work / "model", args.port, args.runs, work / "plain-vllm.log")
-    live = livetrain_serve(work / "model", args.port, args.runs, args.steps)
+    model_dir = fresh_model_copy(args.model, "bench-serve")
+    plain = plain_vllm(model_dir, args.port, args.runs, model_dir.parent / "plain-vllm.log")
+    live = livetrain_serve(model_dir, args.port, args.runs, args.steps)
 
     rows = [
         ("single-stream tok/s, serve vs plain vLLM", live["single_tok_s"], plain["single_tok_s"], "≥ 0.9×"),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -38,8 +37,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import add_model_argument, fresh_model_copy  # noqa: E402
 from livetrain.checkpoint.commands import checkpoint_verify  # noqa: E402
-from livetrain.default_model import init_default  # noqa: E402
 from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
 from livetrain.weights import open_shared_copy  # noqa: E402
 
@@ -225,17 +224,13 @@ def tensors_lost(model_dir: Path, expected: dict, layout) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO / ".cache" / "smollm2-135m-bf16")
+    add_model_argument(parser)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--port", type=int, default=8193)
     args = parser.parse_args()
 
-    base_model = init_default(args.model, dtype=torch.bfloat16)
-    work = REPO / ".cache" / "bench-serve-load"
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(base_model, work / "model", ignore=shutil.ignore_patterns(".livetrain"))
-    model_dir = work / "model"
+    model_dir = fresh_model_copy(args.model, "bench-serve-load")
     server = LiveServer(ServeOptions(model_dir=model_dir, port=args.port, vllm_args=VLLM_ARGS, max_probe_drift=0),
                         say=lambda line: print("  serve:", line))
     result: dict = {"seconds": args.seconds, "clients": args.clients, "new_tokens": NEW_TOKENS,
