@@ -219,3 +219,27 @@ def test_weights_without_a_gradient_keep_their_state_while_others_step():
         assert torch.equal(opt.state[params[1]][key], value), key
     run_steps(opt, params, range(3, 5))
     assert opt.state[params[1]]["step"] == 4
+
+
+@pytest.mark.parametrize("make", [apollo_mini, lambda params, **kw: Apollo(params, rank=4, **kw)],
+                         ids=["mini", "apollo"])
+def test_grad_scale_steps_as_if_the_gradients_were_scaled_and_leaves_them_unchanged(make):
+    scaled, folded = make_params(), make_params()
+    norms = [torch.nn.Parameter(torch.ones(8)) for _ in range(2)]  # a plain-AdamW group alongside
+    groups = lambda params, extra: [{"params": params}, {"params": extra, "rank": None}]
+    extra_scaled, extra_folded = norms[:1], norms[1:]
+    opt_scaled = make(groups(scaled, extra_scaled), update_proj_gap=2)
+    opt_folded = make(groups(folded, extra_folded), update_proj_gap=2)
+    for step in range(5):  # across a projection refresh, with the limiter active
+        factor = 0.5 ** step
+        set_gradients(scaled + extra_scaled, step)
+        set_gradients(folded + extra_folded, step)
+        grads = [p.grad.clone() for p in folded + extra_folded]
+        for p in scaled + extra_scaled:
+            p.grad.mul_(factor)
+        opt_scaled.step()
+        opt_folded.step(grad_scale=factor)
+        assert all(torch.equal(p.grad, g) for p, g in zip(folded + extra_folded, grads))
+        for a, b in zip(scaled + extra_scaled, folded + extra_folded):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    assert not torch.equal(make_params()[0], folded[0])

@@ -176,3 +176,34 @@ def test_continuation_logprobs_equal_full_forward(model):
     torch.testing.assert_close(continuation_logprobs(model, CTX, ANS), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(continuation_logprobs(model, CTX[:1], ANS),
                                full_logprobs(model, CTX[:1], ANS).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_apollo_step_clips_like_rescaled_gradients(model):
+    """With APOLLO the clip factor goes into the optimizer's step instead of rewriting the
+    gradients: the weights come out as if the gradients had been rescaled first."""
+    from livetrain.optim import apollo_mini, apollo_param_groups
+
+    class RescaledFirst:
+        """The same APOLLO behind an interface the step does not recognise: it rescales
+        the gradients, then calls step()."""
+
+        def __init__(self, optimizer):
+            self.optimizer, self.param_groups = optimizer, optimizer.param_groups
+
+        def zero_grad(self, set_to_none=True):
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+        def step(self):
+            self.optimizer.step()
+
+    reference = build_tiny_model("llama")
+    reference.load_state_dict(model.state_dict())
+    folded = train_step(model, apollo_mini(apollo_param_groups(model), lr=1e-2), [SFTExample(CTX, ANS)],
+                        StepOptions(max_grad_norm=1e-3))
+    rescaled = train_step(reference, RescaledFirst(apollo_mini(apollo_param_groups(reference), lr=1e-2)),
+                          [SFTExample(CTX, ANS)], StepOptions(max_grad_norm=1e-3))
+    assert folded.applied and rescaled.applied and folded.grad_norm > 1e-3
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-8, msg=name)
+    untouched = build_tiny_model("llama").model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, untouched)

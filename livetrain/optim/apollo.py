@@ -119,9 +119,15 @@ class Apollo(Optimizer):
         super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None, grad_scale: float | None = None) -> float | None:
         """One update of every parameter that has a gradient. Never reads a tensor's value
-        on the host, so it does not stall an accelerator."""
+        on the host, so it does not stall an accelerator.
+
+        grad_scale: step as if every gradient were multiplied by it, without rewriting the
+        gradients (how gradient clipping is applied: the factor goes onto the projected
+        gradient, the norms and the scaling factors, which are small, instead of a pass
+        over every gradient). None: 1.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -133,10 +139,10 @@ class Apollo(Optimizer):
             if not params:
                 continue
             if group["rank"] is None:
-                self._adamw_step(group, params)
+                self._adamw_step(group, params, grad_scale)
             else:
                 for batch in _batches(params, _BATCH_BYTES):
-                    self._apollo_step(group, batch)
+                    self._apollo_step(group, batch, grad_scale)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -165,7 +171,7 @@ class Apollo(Optimizer):
 
     # --- APOLLO -----------------------------------------------------------------------
 
-    def _apollo_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _apollo_step(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float | None) -> None:
         """One step of a batch of weights on one device. The small projected-space math
         runs on the batch's flat buffers: a few ops per batch, not per weight."""
         beta1, beta2 = group["betas"]
@@ -186,6 +192,9 @@ class Apollo(Optimizer):
             torch.linalg.vector_norm(
                 p.grad, dim=axis if channelwise else None, dtype=torch.float32,
                 out=grad_norms[layout.channels(i)] if channelwise else grad_norms[i])
+        if grad_scale is not None:  # R and ‖G‖ of grad_scale · G
+            projected.mul_(grad_scale)
+            grad_norms.mul_(grad_scale)
 
         # Adam in the projected space, all weights at once (F,).
         layout.exp_avg.lerp_(projected, 1 - beta1)
@@ -208,6 +217,8 @@ class Apollo(Optimizer):
             scales.div_(divisors.repeat_interleave(layout.channels_per_weight,
                                                    output_size=scales.numel())
                         if channelwise else divisors)
+        if grad_scale is not None:  # the update applies s to grad_scale · G
+            scales.mul_(grad_scale)
 
         for i, (p, state) in enumerate(zip(params, states)):
             if channelwise:  # (m, 1) scales rows, (1, n) scales columns
@@ -259,7 +270,7 @@ class Apollo(Optimizer):
 
     # --- AdamW (groups with rank=None) ------------------------------------------------
 
-    def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float | None) -> None:
         beta1, beta2 = group["betas"]
         for p in params:
             state = self._init_state(p, group)
@@ -267,7 +278,7 @@ class Apollo(Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             state["step"] += 1
-            grad = p.grad.float()
+            grad = p.grad.float() if grad_scale is None else p.grad.float().mul(grad_scale)
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

@@ -18,6 +18,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
+from livetrain.optim import Apollo
 from livetrain.train.context_cache import ContextCache
 from livetrain.train.data import Example, PreferenceExample, SFTExample
 from livetrain.train.frozen_context import FrozenContext, continuation_logits, prefill
@@ -237,10 +238,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
         return refuse(total_loss, grad_norm, "non-finite gradient")
     if options.dry_run:
         return refuse(total_loss, grad_norm, "dry run")
+    clip = None
     if options.max_grad_norm is not None and grad_norm > options.max_grad_norm:
-        torch._foreach_mul_(grads, options.max_grad_norm / (grad_norm + 1e-6))
+        clip = options.max_grad_norm / (grad_norm + 1e-6)
 
-    update_norm = _apply(optimizer, params, options, before)
+    update_norm = _apply(optimizer, params, options, before, clip)
     if update_norm is not None and not math.isfinite(update_norm):
         return refuse(total_loss, grad_norm, "non-finite update (weights restored)")
     optimizer.zero_grad(set_to_none=True)
@@ -252,9 +254,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
 
 @torch.no_grad()
 def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options: StepOptions,
-           before: Sequence[torch.Tensor] | None) -> float | None:
-    """optimizer.step() at the step's lr; returns the update's L2 norm if measured
-    (always when the caller passed its pre-step copies as ``before``).
+           before: Sequence[torch.Tensor] | None, clip: float | None) -> float | None:
+    """optimizer.step() at the step's lr on the gradients times ``clip`` (None: as they
+    are); returns the update's L2 norm if measured (always when the caller passed its
+    pre-step copies as ``before``). `Apollo` takes the factor into its step; other
+    optimizers get the gradients rescaled first.
 
     A non-finite update is undone (weights restored bit for bit); an update over
     max_update_norm is scaled down to it.
@@ -271,7 +275,12 @@ def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options
     elif options.measure_update or options.max_update_norm is not None:
         before = [p.detach().clone() for p in stepped]
     try:
-        optimizer.step()
+        if isinstance(optimizer, Apollo):
+            optimizer.step(grad_scale=clip)
+        else:
+            if clip is not None:
+                torch._foreach_mul_([p.grad for p in stepped], clip)
+            optimizer.step()
     finally:
         for group, lr in zip(optimizer.param_groups, saved_lr):
             group["lr"] = lr
