@@ -1,9 +1,9 @@
-"""Prefix caching in `livetrain serve`: on (reset after every applied step) vs off.
+"""Prefix caching in `livetrain serve`: on (stale blocks kept from new requests) vs off.
 
 After a step, KV blocks computed with the old weights must not serve new requests, so
-the server resets vLLM's prefix cache after every refresh (preempting and recomputing
-running requests if vLLM refuses while they hold blocks). The alternative is to serve
-with `--no-enable-prefix-caching`. Workload: chat-like requests that share a long
+the server salts every generation request's prefix-cache key with the refresh count
+and resets vLLM's prefix cache after every refresh when no request holds blocks. The
+alternative is to serve with `--no-enable-prefix-caching`. Workload: chat-like requests that share a long
 prefix (a 768-token system prompt) with a short distinct question, 16 new tokens each,
 one after another; measured idle and while /train steps are posted --train-every
 seconds after the previous one ended (in their own thread). Same server flags otherwise, the default model.

@@ -55,6 +55,12 @@ def check_access_rule(host: str | None, settings: PluginSettings) -> None:
             "(LIVETRAIN_ADMIN_TOKEN_FILE when starting vLLM yourself)")
 
 
+def served_refreshes(scope) -> int | None:
+    """The refresh count of the app's `ServedModel` (None before the plugin's state is set up)."""
+    served = getattr(scope["app"].state, "livetrain_served", None)
+    return None if served is None else served.refreshes
+
+
 class LivetrainEndpointPlugin:
     """The ``vllm.endpoint_plugins`` entry: livetrain's routes on vLLM's own port."""
 
@@ -62,9 +68,13 @@ class LivetrainEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        """Mount the training routes, and salt generation requests with the served weights'
+        refresh count so that no new request reuses prefix-cache blocks of older weights."""
         from livetrain.routes import router
+        from livetrain.vllm_plugin.cache_salt import PrefixCacheSalt
 
         app.include_router(router)
+        app.add_middleware(PrefixCacheSalt, refreshes=served_refreshes)
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
         """Check the access rule, export the weights, and install the routes' dependencies.

@@ -23,12 +23,14 @@ from livetrain.weights import Layout
 
 @dataclass(frozen=True)
 class RefreshResult:
-    """What one refresh did: the vLLM parameters reloaded (whole), its time, and whether
-    the prefix cache was reset without preempting running requests."""
+    """What one refresh did: the vLLM parameters reloaded (whole), its time, and how stale
+    prefix-cache blocks were dealt with: "reset" (dropped), or "salted" (vLLM refused to
+    drop them while requests held blocks; new requests carry the new refresh count in
+    their cache salt, so none reuses them, and they are evicted like any unused block)."""
 
     params: list[str]
     seconds: float
-    prefix_cache_reset: str  # "reset" | "reset_preempting_running" | "failed"
+    prefix_cache_reset: str  # "reset" | "salted"
 
     def to_dict(self) -> dict[str, Any]:
         return {"params": self.params, "seconds": self.seconds, "prefix_cache_reset": self.prefix_cache_reset}
@@ -44,6 +46,8 @@ class ServedModel:
         self.weights_export: dict[str, Any] | None = None  # {layout, handles, reused}: for the training worker
         self.zero_copy: set[str] = set()  # vLLM parameters served straight from the shared copy
         self.kind = ""  # "shm" (CPU shared copy) or "cuda_ipc" (vLLM's own GPU weights)
+        # Refreshes so far: the generation routes' prefix-cache salt (see cache_salt).
+        self.refreshes = 0
 
     async def _worker(self, method: str, *args: Any) -> Any:
         (result,) = await self.engine.collective_rpc(method, args=args)
@@ -97,6 +101,7 @@ class ServedModel:
                     # Always close the update: vLLM refuses every later start while one is open.
                     await self.engine.finish_weight_update(
                         weight_version=None if weights_version is None else str(weights_version))
+            self.refreshes += 1
             reset = await self.reset_prefix_cache()
         finally:
             if consistent:
@@ -104,16 +109,14 @@ class ServedModel:
         return RefreshResult(params, time.perf_counter() - started, reset)
 
     async def reset_prefix_cache(self) -> str:
-        """Drop prefix-cache blocks computed with old weights.
+        """Drop prefix-cache blocks computed with old weights if vLLM can ("reset").
 
-        vLLM refuses while a request holds blocks; then the running requests are preempted
-        and recomputed (on the new weights) rather than letting stale blocks serve new ones.
+        vLLM refuses while a request holds blocks ("salted"). Forcing it would preempt
+        the running requests, which then recompute from scratch; instead they keep their
+        KV (HOGWILD), and the refresh count in every new request's cache salt keeps new
+        requests off the stale blocks (see `cache_salt`).
         """
-        if await self.engine.reset_prefix_cache():
-            return "reset"
-        if await self.engine.reset_prefix_cache(reset_running_requests=True):
-            return "reset_preempting_running"
-        return "failed"
+        return "reset" if await self.engine.reset_prefix_cache() else "salted"
 
     async def read_param(self, name: str) -> dict[str, Any]:
         """The values vLLM serves for one parameter (see the worker extension's ``livetrain_read_param``)."""

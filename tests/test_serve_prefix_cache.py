@@ -1,0 +1,77 @@
+"""Prefix caching under training, against a real vLLM on a tiny model: a step that lands
+while a request runs neither preempts that request nor lets a new request reuse blocks of
+the old weights; blocks of the current weights are reused as usual."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from livetrain.serve import LiveServer, ServeOptions
+from livetrain.vllm_plugin.cache_salt import salted_body, served_salt
+from tests.session_helpers import example, free_port, post_json, wire
+
+PROMPT = list(range(300, 800))  # 500 tokens: several full KV blocks
+
+
+def test_served_salt_keeps_the_clients_and_stays_within_vllms_limit():
+    assert served_salt(None, 3) == "livetrain-3"
+    assert served_salt("tenant-a", 3) == "tenant-a~livetrain-3"
+    long = served_salt("x" * 128, 7)
+    assert len(long) <= 128 and long.endswith("~livetrain-7") and long != served_salt("y" * 128, 7)
+    assert served_salt("", 1) == "" and served_salt(5, 1) == 5  # left for vLLM to refuse
+    assert json.loads(salted_body(b'{"prompt": "hi", "cache_salt": "a"}', 2)) == {"prompt": "hi",
+                                                                                  "cache_salt": "a~livetrain-2"}
+    assert salted_body(b"[1, 2]", 2) == b"[1, 2]" and salted_body(b"\xff{", 2) == b"\xff{"
+
+
+def metric(base: str, name: str) -> float:
+    """The sum of a Prometheus counter over its label sets."""
+    with urllib.request.urlopen(base + "/metrics", timeout=60) as response:
+        text = response.read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def cached_prompt_tokens(base: str, model: str) -> float:
+    """Prompt tokens the prefix cache served for one more request with PROMPT."""
+    before = metric(base, "vllm:prefix_cache_hits_total")
+    post_json(base + "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 1})
+    return metric(base, "vllm:prefix_cache_hits_total") - before
+
+
+@pytest.mark.vllm
+def test_a_step_during_a_request_keeps_it_running_and_new_requests_off_stale_blocks(tmp_path, tokenizer_dir):
+    from tests.vllm_layouts import write_vllm_tiny_model
+
+    model_dir = write_vllm_tiny_model(tmp_path / "model", "llama", tokenizer_dir)
+    server = LiveServer(ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0,
+                                     vllm_args=("--enforce-eager", "--max-model-len", "1024")), say=lambda _: None)
+    server.start()
+    base, model = server.base_url, str(model_dir)
+    try:
+        assert cached_prompt_tokens(base, model) == 0  # first time: computed
+        assert cached_prompt_tokens(base, model) > 0  # same weights: reused
+
+        # A long request holds its blocks, so vLLM cannot drop the prefix cache when the step lands.
+        long_request: dict = {}
+        body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 600, "ignore_eos": True, "temperature": 0}
+        runner = threading.Thread(target=lambda: long_request.update(post_json(base + "/v1/completions", body)))
+        preemptions = metric(base, "vllm:num_preemptions_total")
+        runner.start()
+        time.sleep(1.0)
+        step = post_json(base + "/train", {"examples": [wire(example(0))]})
+        assert step["applied"], step
+        assert runner.is_alive(), "the long request ended before the step: make it longer"
+
+        assert cached_prompt_tokens(base, model) == 0  # the old weights' blocks are not reused
+        assert cached_prompt_tokens(base, model) > 0  # the new weights' blocks are
+        runner.join(timeout=300)
+        assert long_request["usage"]["completion_tokens"] == 600
+        assert metric(base, "vllm:num_preemptions_total") == preemptions  # it kept its KV throughout
+    finally:
+        server.stop()
