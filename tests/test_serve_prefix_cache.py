@@ -54,7 +54,8 @@ def test_a_step_during_a_request_keeps_it_running_and_new_requests_off_stale_blo
     server.start()
     base, model = server.base_url, str(model_dir)
     try:
-        assert cached_prompt_tokens(base, model) == 0  # first time: computed
+        assert post_json(base + "/train", {"examples": [wire(example(1))]})["applied"]  # warm the worker up
+        assert cached_prompt_tokens(base, model) == 0  # first time since the step: computed
         assert cached_prompt_tokens(base, model) > 0  # same weights: reused
 
         # A long request holds its blocks, so vLLM cannot drop the prefix cache when the step lands.

@@ -95,7 +95,7 @@ def train_then_die_mid_step(model_dir: Path, shared: Path, digest_file: Path) ->
     digest_file.write_text(weights_digest(session.model))
     params = [p for group in session.optimizer.param_groups for p in group["params"]]
 
-    def torn_step(closure=None):
+    def torn_step(closure=None, **kwargs):
         with torch.no_grad():
             for p in params[: len(params) // 2]:
                 p.add_(0.5)
