@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from livetrain.serve import LiveServer, ServeOptions
-from livetrain.vllm_plugin.cache_salt import salted_body, served_salt
+from livetrain.vllm_plugin.cache_salt import PrefixCacheSalt, salted_body, served_salt
 from tests.session_helpers import example, free_port, post_json, wire
 
 PROMPT = list(range(300, 800))  # 500 tokens: several full KV blocks
@@ -28,6 +28,34 @@ def test_served_salt_keeps_the_clients_and_stays_within_vllms_limit():
     assert json.loads(salted_body(b'{"prompt": "hi", "cache_salt": "a"}', 2)) == {"prompt": "hi",
                                                                                   "cache_salt": "a~livetrain-2"}
     assert salted_body(b"[1, 2]", 2) == b"[1, 2]" and salted_body(b"\xff{", 2) == b"\xff{"
+
+
+def through_middleware(refreshes: int, path: str, body: bytes) -> tuple[bytes, dict[bytes, bytes]]:
+    """The body and headers the app behind `PrefixCacheSalt` receives for one POST."""
+    import asyncio
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen["headers"] = dict(scope["headers"])
+        seen["body"] = (await receive())["body"]
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": path,
+             "headers": [(b"content-length", str(len(body)).encode())]}
+    asyncio.run(PrefixCacheSalt(app, lambda _: refreshes)(scope, receive, None))
+    return seen["body"], seen["headers"]
+
+
+def test_middleware_salts_generation_routes_after_the_first_refresh_only():
+    body = b'{"prompt": "hi"}'
+    assert through_middleware(0, "/v1/completions", body)[0] == body
+    assert through_middleware(2, "/v1/tokenize", body)[0] == body
+    salted, headers = through_middleware(2, "/v1/completions", body)
+    assert json.loads(salted) == {"prompt": "hi", "cache_salt": "livetrain-2"}
+    assert headers[b"content-length"] == str(len(salted)).encode()
 
 
 def metric(base: str, name: str) -> float:

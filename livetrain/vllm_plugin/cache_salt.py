@@ -12,7 +12,8 @@ prefix-cache namespace) that names the served weights' refresh count: after a re
 new requests hash their blocks differently and can never match a block of the old
 weights, while running requests keep theirs. The stale blocks are evicted like any
 unused block (and dropped at once whenever a plain reset succeeds). A client's own
-salt is kept: the served one is appended to it.
+salt is kept: the served one is appended to it. Before the first refresh nothing is
+rewritten.
 
 `PrefixCacheSalt` is an ASGI middleware on vLLM's app (added by the endpoint plugin);
 it rewrites the JSON body of the OpenAI- and Anthropic-compatible generation routes.
@@ -69,7 +70,8 @@ def salted_body(body: bytes, refreshes: int) -> bytes:
 
 class PrefixCacheSalt:
     """ASGI middleware: salts the body of every POST to `SALTED_PATHS` with
-    ``refreshes()`` (the served weights' refresh count; None: not serving yet, pass through)."""
+    ``refreshes(scope)``, the served weights' refresh count. Until the first refresh
+    (None or 0) requests pass through untouched: every block holds the loaded weights."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
                  refreshes: Callable[[Scope], int | None]) -> None:
@@ -81,14 +83,14 @@ class PrefixCacheSalt:
             await self.app(scope, receive, send)
             return
         refreshes = self.refreshes(scope)
-        if refreshes is None:
+        if not refreshes:
             await self.app(scope, receive, send)
             return
         chunks, more = [], True
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client left before sending its body
-                await self.app(scope, _replay([message], receive), send)
+                await self.app(scope, _replay(message, receive), send)
                 return
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
@@ -96,15 +98,15 @@ class PrefixCacheSalt:
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await self.app({**scope, "headers": headers},
-                       _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+                       _replay({"type": "http.request", "body": body, "more_body": False}, receive), send)
 
 
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """A receive that gives ``messages`` first, then the client's (a streaming response
+def _replay(first: Message, receive: Receive) -> Receive:
+    """A receive that gives ``first``, then the client's messages (a streaming response
     listens on it for the disconnect)."""
-    pending = list(messages)
+    pending = [first]
 
     async def replayed() -> Message:
-        return pending.pop(0) if pending else await receive()
+        return pending.pop() if pending else await receive()
 
     return replayed
