@@ -72,35 +72,60 @@ def cached_prompt_tokens(base: str, model: str) -> float:
     return metric(base, "vllm:prefix_cache_hits_total") - before
 
 
+class LongRequest:
+    """A completion running in a thread, started a second before the constructor returns."""
+
+    def __init__(self, base: str, body: dict) -> None:
+        self.result: dict = {}
+        self.preemptions_before = metric(base, "vllm:num_preemptions_total")
+        self.runner = threading.Thread(target=self._run, args=(base, body))
+        self.runner.start()
+        time.sleep(1.0)
+
+    def _run(self, base: str, body: dict) -> None:
+        try:
+            self.result = post_json(base + "/v1/completions", body)
+        except Exception as exc:  # reported by the caller's assertions
+            self.result = {"error": repr(exc)}
+
+
 @pytest.mark.vllm
 def test_a_step_during_a_request_keeps_it_running_and_new_requests_off_stale_blocks(tmp_path, tokenizer_dir):
     from tests.vllm_layouts import write_vllm_tiny_model
 
     model_dir = write_vllm_tiny_model(tmp_path / "model", "llama", tokenizer_dir)
+    # The trainer at vLLM's priority: at the default lower one, a step waits while the long
+    # request keeps both cores busy, and lands only after it.
     server = LiveServer(ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0,
-                                     vllm_args=("--enforce-eager", "--max-model-len", "1024")), say=lambda _: None)
+                                     trainer_nice=0, vllm_args=("--enforce-eager", "--max-model-len", "2048")),
+                        say=lambda _: None)
     server.start()
     base, model = server.base_url, str(model_dir)
+    body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
     try:
         assert post_json(base + "/train", {"examples": [wire(example(1))]})["applied"]  # warm the worker up
         assert cached_prompt_tokens(base, model) == 0  # first time since the step: computed
         assert cached_prompt_tokens(base, model) > 0  # same weights: reused
 
-        # A long request holds its blocks, so vLLM cannot drop the prefix cache when the step lands.
-        long_request: dict = {}
-        body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 600, "ignore_eos": True, "temperature": 0}
-        runner = threading.Thread(target=lambda: long_request.update(post_json(base + "/v1/completions", body)))
-        preemptions = metric(base, "vllm:num_preemptions_total")
-        runner.start()
-        time.sleep(1.0)
-        step = post_json(base + "/train", {"examples": [wire(example(0))]})
-        assert step["applied"], step
-        assert runner.is_alive(), "the long request ended before the step: make it longer"
+        # A long request holds its blocks, so vLLM cannot drop the prefix cache when the step
+        # lands. On a loaded machine a step can outlast it: then PROMPT is cached under the
+        # new weights and the scene is set again, at most three times.
+        for attempt in range(3):
+            long_request = LongRequest(base, body)
+            step = post_json(base + "/train", {"examples": [wire(example(0))]})
+            assert step["applied"], step
+            if long_request.runner.is_alive():
+                break
+            long_request.runner.join()
+            cached_prompt_tokens(base, model)
+        else:
+            pytest.fail(f"the long request ended before the step three times ({long_request.result})")
 
         assert cached_prompt_tokens(base, model) == 0  # the old weights' blocks are not reused
         assert cached_prompt_tokens(base, model) > 0  # the new weights' blocks are
-        runner.join(timeout=300)
-        assert long_request["usage"]["completion_tokens"] == 600
-        assert metric(base, "vllm:num_preemptions_total") == preemptions  # it kept its KV throughout
+        long_request.runner.join(timeout=300)
+        assert long_request.result["usage"]["completion_tokens"] == 2000
+        # It kept its KV throughout.
+        assert metric(base, "vllm:num_preemptions_total") == long_request.preemptions_before
     finally:
         server.stop()
