@@ -31,6 +31,7 @@ from livetrain.worker.process import WorkerProcess, new_runtime_dir, worker_addr
 from livetrain.worker.session import DEFAULT_TRAIN_MODULES
 
 ADMIN_TOKEN_ENV = "LIVETRAIN_ADMIN_TOKEN"
+WORKER_READY_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -98,26 +99,29 @@ class LiveServer:
         self.launch = VllmLaunch(self.model_dir, settings, host=options.host, port=options.port,
                                  kv_cache_gib=options.kv_cache_gib, extra_args=tuple(options.vllm_args))
         vllm_log = self.log_dir / "vllm.log"
-        self.say(f"starting vLLM on {self.base_url} (log: {vllm_log})")
+        self.say(f"starting vLLM on {self.base_url} (log: {vllm_log}) and the training worker beside it")
+        # The worker imports while vLLM starts, and opens the weights once vLLM has exported them.
+        self.worker = self._spawn_worker(wait_for_go=True)
         self.vllm = start_vllm(self.launch, vllm_log)
         seconds = wait_until_ready(self.launch, self.vllm, vllm_log)
-        self.say(f"vLLM ready after {seconds:.0f} s; starting the training worker")
-        self.worker = self._start_worker()
+        self.say(f"vLLM ready after {seconds:.0f} s; waiting for the training worker")
+        self.worker.go()
+        self.worker.wait_ready(WORKER_READY_TIMEOUT_S)
         total = time.monotonic() - started
         self.say(f"ready after {total:.0f} s: OpenAI API at {self.base_url}/v1, "
                  f"training at {self.base_url}/train")
         return total
 
-    def _start_worker(self) -> WorkerProcess:
+    def _spawn_worker(self, wait_for_go: bool = False) -> WorkerProcess:
         """The training worker on the shared copy, at the address vLLM's plugin was given.
         It restores the optimizer state saved in the directory (at each sync)."""
         options = self.options
-        return WorkerProcess.start(
+        return WorkerProcess.spawn(
             self.model_dir, optimizer=options.optimizer, train_modules=options.train_modules,
             lr=options.lr, sync_interval_s=options.sync_interval_s, threads=options.trainer_threads,
             nice=options.trainer_nice,
             max_probe_drift=options.max_probe_drift, shared_copy=self.shm_dir,
-            runtime_dir=self.runtime_dir, log_path=self.log_dir / "worker.log")
+            runtime_dir=self.runtime_dir, log_path=self.log_dir / "worker.log", wait_for_go=wait_for_go)
 
     def _token_file(self) -> Path | None:
         """The admin token as a file the plugin reads: --admin-token-file, or
@@ -153,7 +157,8 @@ class LiveServer:
             self.say(f"the training worker exited with status {status} (log: {self.log_dir / 'worker.log'}); "
                      "inference goes on, training answers 503 until it is back: restarting it")
             started = time.monotonic()
-            self.worker = self._start_worker()
+            self.worker = self._spawn_worker()
+            self.worker.wait_ready(WORKER_READY_TIMEOUT_S)
             self.say(f"training available again after {time.monotonic() - started:.1f} s")
         return None
 

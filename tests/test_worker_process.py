@@ -20,6 +20,7 @@ from livetrain.worker.protocol import WorkerError
 from livetrain.worker.server import WorkerServer
 from livetrain.worker.session import TrainingSession
 from livetrain.checkpoint import DirectoryInUse
+from livetrain.checkpoint.lock import DirectoryLock
 from tests.session_helpers import example, files_digest, wire
 
 
@@ -267,3 +268,23 @@ def test_a_garbage_reply_frame_does_not_stop_the_connection(tmp_path):
         fake.join(10)
         router.close(linger=0)
         context.term()
+
+
+def test_worker_waiting_for_go_opens_nothing_until_told_and_exits_cleanly_if_never(tmp_path, tokenizer_dir):
+    from tests.session_helpers import tiny_dir
+
+    model_dir = tiny_dir(tmp_path / "model", tokenizer_dir)
+    waiting = WorkerProcess.spawn(model_dir, threads=1, wait_for_go=True)
+    time.sleep(5)  # past its imports
+    assert waiting.popen.poll() is None
+    DirectoryLock(model_dir, "test").release()  # it has not opened the directory
+    with pytest.raises(WorkerError):
+        waiting.request("status", timeout_s=1.0)  # not listening yet
+    assert waiting.stop(timeout_s=30) == 0  # the end of its input: exits, nothing to sync
+    assert not waiting.runtime_dir.exists()
+
+    told = WorkerProcess.spawn(model_dir, threads=1, wait_for_go=True)
+    told.go()
+    assert told.wait_ready(120)["steps_applied"] == 0
+    assert told.request("train", {"examples": [wire(example(0))]})["applied"]
+    assert told.stop() == 0

@@ -189,12 +189,21 @@ def main(argv: list[str] | None = None) -> None:
                              "and handles (livetrain.weights); default: load the model directory")
     parser.add_argument("--nice", type=int, default=0,
                         help="lower this process's CPU priority by this much (0-19) before any thread starts")
+    parser.add_argument("--wait-for-go", action="store_true",
+                        help="import everything, then wait for a line on standard input before opening the "
+                             "weights (livetrain serve starts the worker beside vLLM and says go once vLLM has "
+                             "exported them); end of input exits")
     args = parser.parse_args(argv)
     if args.nice:
         lower_priority(args.nice)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s livetrain.worker %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.wait_for_go:
+        import transformers  # noqa: F401  (the slow import, done while waiting)
+
+        if not sys.stdin.readline():
+            return
     run_worker(args.model_dir, args.address, optimizer=args.optimizer,
                train_modules=args.train_modules, lr=args.lr, sync_interval_s=args.sync_interval,
                max_probe_drift=args.max_probe_drift or None, shared_copy=args.shared_copy)
@@ -230,19 +239,34 @@ class WorkerProcess:
         self.address = worker_address(runtime_dir)
 
     @classmethod
-    def start(cls, model_dir: str | os.PathLike, *, optimizer: str = "apollo-mini",
+    def start(cls, model_dir: str | os.PathLike, *, ready_timeout_s: float = 300.0,
+              **options: Any) -> "WorkerProcess":
+        """Start ``python -m livetrain.worker`` (options as for :meth:`spawn`) and wait until
+        it answers ``status``."""
+        worker = cls.spawn(model_dir, **options)
+        try:
+            worker.wait_ready(ready_timeout_s)
+        except BaseException:
+            worker.stop(timeout_s=10)
+            raise
+        return worker
+
+    @classmethod
+    def spawn(cls, model_dir: str | os.PathLike, *, optimizer: str = "apollo-mini",
               train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
               sync_interval_s: float = 600.0, threads: int | None = None, max_probe_drift: float = 0.5,
               shared_copy: str | os.PathLike | None = None, runtime_dir: str | os.PathLike | None = None,
-              nice: int = 0, env: dict[str, str] | None = None, ready_timeout_s: float = 300.0,
-              log_path: str | os.PathLike | None = None) -> "WorkerProcess":
-        """Start ``python -m livetrain.worker`` and wait until it answers ``status``.
+              nice: int = 0, env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
+              wait_for_go: bool = False) -> "WorkerProcess":
+        """Start ``python -m livetrain.worker``; do not wait for it.
 
         ``runtime_dir``: a directory from :func:`new_runtime_dir` when the address must be
         known beforehand (vLLM's plugin is told it before the worker starts); it is
         removed by :meth:`stop`. ``shared_copy``: train the served weights (see
         ``--shared-copy``). ``nice``: how much lower the worker's CPU priority is (0-19).
         ``log_path``: append the worker's output there instead of inheriting this process's.
+        ``wait_for_go``: the worker imports, then waits for :meth:`go` before it opens the
+        weights (so its start-up overlaps vLLM's).
         """
         owns_runtime_dir = runtime_dir is None
         runtime_dir = new_runtime_dir() if owns_runtime_dir else Path(runtime_dir)
@@ -258,19 +282,20 @@ class WorkerProcess:
             command += ["--shared-copy", str(shared_copy)]
         if nice:
             command += ["--nice", str(nice)]
+        if wait_for_go:
+            command.append("--wait-for-go")
+        stdin = subprocess.PIPE if wait_for_go else None if log_path is None else subprocess.DEVNULL
         if log_path is None:
-            popen = subprocess.Popen(command, env=env)
+            popen = subprocess.Popen(command, env=env, stdin=stdin)
         else:
             with open(log_path, "ab") as log_file:
-                popen = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        worker = cls(popen, runtime_dir, owns_runtime_dir)
-        try:
-            worker.wait_ready(ready_timeout_s)
-        except BaseException:
-            worker.stop(timeout_s=10)
-            raise
-        return worker
+                popen = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=stdin)
+        return cls(popen, runtime_dir, owns_runtime_dir)
+
+    def go(self) -> None:
+        """Let a worker spawned with ``wait_for_go`` open the weights and start serving."""
+        self.popen.stdin.write(b"go\n")
+        self.popen.stdin.close()
 
     def request(self, op: str, args: dict[str, Any] | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
         return call_worker(self.address, op, args, timeout_s=timeout_s)
@@ -288,7 +313,12 @@ class WorkerProcess:
                     raise
 
     def stop(self, timeout_s: float = 120.0) -> int:
-        """Ask for a clean shutdown (finish the step, sync), then SIGTERM, then SIGKILL."""
+        """Ask for a clean shutdown (finish the step, sync), then SIGTERM, then SIGKILL.
+        A worker still waiting for :meth:`go` is told to exit by the end of its input."""
+        if self.popen.stdin is not None and not self.popen.stdin.closed:
+            self.popen.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=timeout_s)
         if self.popen.poll() is None:
             try:
                 self.request("shutdown", timeout_s=timeout_s)
