@@ -1,7 +1,8 @@
 """`livetrain serve`: vLLM with livetrain's plugin, and the training worker, supervised.
 
-Start-up order: vLLM first (its worker extension makes the shared copy of the served
-weights), then the training worker, which maps that copy and owns the directory. On
+Start-up order: vLLM and the training worker's imports side by side; once vLLM is ready
+(its worker extension has made the shared copy of the served weights) the worker is told
+to go, maps that copy and owns the directory. On
 stop the worker syncs the checkpoint before the shared copy is removed, so nothing
 applied is lost. CPU resources are set explicitly: vLLM's KV cache (its default is
 0.9 x RAM) and the trainer's threads (vLLM's OpenMP threads take every core; the trainer
