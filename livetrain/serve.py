@@ -74,6 +74,7 @@ class LiveServer:
         self.vllm: subprocess.Popen | None = None
         self.worker: WorkerProcess | None = None
         self.worker_restarts = 0
+        self._stop: dict[str, int | None] | None = None  # the signal state while handlers are installed
 
     @property
     def base_url(self) -> str:
@@ -178,7 +179,12 @@ class LiveServer:
     @contextlib.contextmanager
     def _signals_stop(self) -> Iterator[dict[str, int | None]]:
         """SIGINT/SIGTERM set ``stop["signal"]``; a second one ends vLLM and this process at
-        once (the worker, orphaned, finishes its step and syncs; syncs are crash-consistent)."""
+        once (the worker, orphaned, finishes its step and syncs; syncs are crash-consistent).
+        Nested uses share the outermost one's state, so a signal counts as the first or the
+        second wherever it arrives (e.g. during the clean stop after `supervise` returned)."""
+        if self._stop is not None:
+            yield self._stop
+            return
         stop: dict[str, int | None] = {"signal": None}
 
         def on_signal(signum: int, frame: object) -> None:
@@ -194,9 +200,11 @@ class LiveServer:
             stop["signal"] = signum
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._stop = stop
         try:
             yield stop
         finally:
+            self._stop = None
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
