@@ -2,12 +2,14 @@
 
 For each server: start-up to ready, single-stream and 8-concurrent tokens/s (64-token
 completions, ignore_eos), and peak memory of all its processes (sum of PSS, sampled
-every 0.25 s: shared pages count once). For livetrain also: single-stream tokens/s
-while /train runs back to back, and the time from an applied step's end (as the worker
-measured it) to the moment a request can see it (the /train reply comes after the
-refresh; the next request's log-prob shows the new weights).
+every 0.25 s: shared pages count once). Plain vLLM keeps its own core binding (or
+``--plain-cpus``), livetrain serve its default split. For livetrain also: single-stream
+tokens/s while /train runs back to back (and the trainer's steps/s meanwhile and alone),
+and the time from an applied step's end (as the worker measured it) to the moment a
+request can see it (the /train reply comes after the refresh; the next request's
+log-prob shows the new weights).
 
-    .venv/bin/python bench/serve.py [--model DIR] [--runs 3] [--steps 10]
+    .venv/bin/python bench/serve.py [--model DIR] [--runs 3] [--steps 10] [--plain-cpus 0-1]
 
 Prints a table and writes bench/results/serve.json.
 """
@@ -31,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import add_model_argument, fresh_model_copy  # noqa: E402
+from livetrain.cpus import format_cpus, parse_cpus  # noqa: E402
 from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
 from livetrain.vllm_plugin.launcher import ENTRY_MODULE, log_tail, stop_vllm  # noqa: E402
 
@@ -139,30 +142,46 @@ def visibility(base: str, steps: int) -> dict[str, float]:
             "lag_p50_s": lags[len(lags) // 2], "lag_p95_s": lags[min(len(lags) - 1, round(0.95 * (len(lags) - 1)))]}
 
 
-def single_while_training(base: str, runs: int) -> float:
-    stop = threading.Event()
+def train_back_to_back(base: str, stop: threading.Event, steps: list[float]) -> None:
+    """Post one small /train step after another until ``stop``; each step's end time goes to ``steps``."""
+    while not stop.is_set():
+        reply = httpx.post(base + "/train", timeout=300, json={"examples": [TRAIN_EXAMPLE], "lr": 1e-5})
+        reply.raise_for_status()
+        steps.append(time.perf_counter())
 
-    def train_loop() -> None:
-        while not stop.is_set():
-            httpx.post(base + "/train", timeout=300, json={"examples": [TRAIN_EXAMPLE], "lr": 1e-5})
 
-    trainer = threading.Thread(target=train_loop, daemon=True)
+def while_training(base: str, runs: int) -> dict[str, float]:
+    """Single-stream tokens/s while /train runs back to back, the trainer's steps/s meanwhile,
+    and its steps/s with no inference at all (the same length of time)."""
+    stop, steps = threading.Event(), []
+    trainer = threading.Thread(target=train_back_to_back, args=(base, stop, steps), daemon=True)
     trainer.start()
     try:
         time.sleep(2)
         rates = []
+        started, first = time.perf_counter(), len(steps)
         for _ in range(runs):
-            started = time.perf_counter()
-            rates.append(complete(base) / (time.perf_counter() - started))
+            run_started = time.perf_counter()
+            rates.append(complete(base) / (time.perf_counter() - run_started))
+        serving_steps_s = (len(steps) - first) / (time.perf_counter() - started)
+        time.sleep(0.5)  # the last completion's tail
+        alone_started, alone_first = time.perf_counter(), len(steps)
+        time.sleep(max(5.0, time.perf_counter() - started))
+        alone_steps_s = (len(steps) - alone_first) / (time.perf_counter() - alone_started)
     finally:
         stop.set()
         trainer.join()
-    return statistics.median(rates)
+    return {"single_tok_s_while_training": statistics.median(rates),
+            "train_steps_s_while_serving": serving_steps_s, "train_steps_s_alone": alone_steps_s}
 
 
-def plain_vllm(model_dir: Path, port: int, runs: int, log: Path) -> dict:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(os.cpu_count()),
-           "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
+def plain_vllm(model_dir: Path, port: int, runs: int, log: Path, cpus: str | None) -> dict:
+    """vLLM without livetrain: the same flags and KV cache, its own core binding unless ``cpus``
+    (by default vLLM's CPU worker binds its OpenMP threads to all cores but the last, which it
+    leaves to its API server)."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    if cpus is not None:
+        env.update(VLLM_CPU_OMP_THREADS_BIND=cpus, OMP_NUM_THREADS=str(len(parse_cpus(cpus))))
     started = time.monotonic()
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", ENTRY_MODULE, "--model", str(model_dir),
@@ -184,7 +203,13 @@ def plain_vllm(model_dir: Path, port: int, runs: int, log: Path) -> dict:
     finally:
         result_memory = memory.stop()
         stop_vllm(process)
-    return {**result, "peak_pss_bytes": result_memory}
+    return {**result, "peak_pss_bytes": result_memory, "omp_cores": omp_cores(log)}
+
+
+def omp_cores(log: Path) -> str:
+    """The cores vLLM's log says its OpenMP threads were bound to."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "core ids=" in line]
+    return lines[-1].split("core ids=")[1].strip() if lines else "unknown"
 
 
 def livetrain_serve(model_dir: Path, port: int, runs: int, steps: int) -> dict:
@@ -194,8 +219,9 @@ def livetrain_serve(model_dir: Path, port: int, runs: int, steps: int) -> dict:
     try:
         startup = server.start()
         base = server.base_url
-        result = {"startup_s": startup, **throughput(base, runs)}
-        result["single_tok_s_while_training"] = single_while_training(base, runs)
+        result = {"startup_s": startup, **throughput(base, runs), "vllm_cores": format_cpus(server.vllm_cores),
+                  "trainer_cores": format_cpus(server.trainer_cores)}
+        result.update(while_training(base, runs))
         result.update(visibility(base, steps))
     finally:
         result["peak_pss_bytes"] = memory.stop()
@@ -211,10 +237,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--port", type=int, default=8191)
+    parser.add_argument("--plain-cpus", metavar="LIST",
+                        help="bind plain vLLM's OpenMP threads to these cores (default: vLLM's own binding)")
     args = parser.parse_args()
 
     model_dir = fresh_model_copy(args.model, "bench-serve")
-    plain = plain_vllm(model_dir, args.port, args.runs, model_dir.parent / "plain-vllm.log")
+    plain = plain_vllm(model_dir, args.port, args.runs, model_dir.parent / "plain-vllm.log", args.plain_cpus)
     live = livetrain_serve(model_dir, args.port, args.runs, args.steps)
 
     rows = [
@@ -232,6 +260,10 @@ def main() -> None:
     print(f"step end -> visible to the next request: p50 {live['lag_p50_s'] * 1000:.0f} ms, "
           f"p95 {live['lag_p95_s'] * 1000:.0f} ms over {live['applied_steps']} applied steps "
           f"({live['seen_by_next_request']} seen by the next request); target p95 ≤ 500 ms")
+    print(f"training steps/s (64-token context, 16-token continuation), while one stream is served: "
+          f"{live['train_steps_s_while_serving']:.2f}, alone: {live['train_steps_s_alone']:.2f}")
+    print(f"cores: plain vLLM {plain['omp_cores']}; livetrain serve: vLLM {live['vllm_cores']}, "
+          f"trainer {live['trainer_cores']}")
     print(f"optimizer state on disk: {live['optimizer_state_bytes'] / 2**20:.2f} MiB")
     out = REPO / "bench" / "results" / "serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)

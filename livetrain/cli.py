@@ -20,6 +20,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Failures a person can act on: printed as one line, without a traceback."""
     from livetrain.checkpoint import CheckpointError
     from livetrain.client import LivetrainError
+    from livetrain.cpus import CoreSplitError
     from livetrain.default_model import DefaultModelMissing
     from livetrain.train.data import DataFormatError
     from livetrain.train.step import InvalidExampleError
@@ -28,7 +29,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from livetrain.checkpoint import DirectoryInUse
 
     return (UsageError, VllmStartError, UnsupportedVllmConfig, AccessRuleError, CheckpointError, LivetrainError, DefaultModelMissing, DataFormatError,
-            InvalidExampleError, DirectoryInUse, FileNotFoundError, FileExistsError)
+            InvalidExampleError, DirectoryInUse, CoreSplitError, FileNotFoundError, FileExistsError)
 
 
 def print_json(data) -> None:
@@ -120,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_dir=args.model, host=args.host, port=args.port, admin_token_file=args.admin_token_file,
         sync_interval_s=args.sync_interval, optimizer=args.optimizer, lr=args.lr,
         cpu_mode=args.cpu_mode, consistent_updates=args.consistent_updates,
-        kv_cache_gib=args.kv_cache_gib, trainer_threads=args.trainer_threads, trainer_nice=args.trainer_nice,
+        kv_cache_gib=args.kv_cache_gib, trainer_cores=args.trainer_cores, trainer_nice=args.trainer_nice,
         max_probe_drift=args.max_probe_drift, vllm_args=args.vllm_args,
         **({"train_modules": args.train_modules} if args.train_modules else {}))
     return serve(options)
@@ -239,11 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "of letting in-flight requests continue on the new weights")
     serve.add_argument("--kv-cache-gib", type=float, default=1.0,
                        help="vLLM's CPU KV cache in GiB (default: 1; vLLM's own default is 0.9 x RAM)")
-    serve.add_argument("--trainer-threads", type=int, default=1,
-                       help="torch threads of the training worker (default: 1; vLLM uses every core)")
-    serve.add_argument("--trainer-nice", type=int, default=10, choices=range(20), metavar="0-19",
-                       help="run the training worker at this lower CPU priority, so inference keeps its "
-                            "speed while a step runs on a busy machine (default: 10; 0: same as vLLM)")
+    serve.add_argument("--trainer-cores", type=int, default=1, metavar="N",
+                       help="the training worker runs on the last N cores, one thread each, and vLLM's "
+                            "OpenMP threads on the others (default: 1; on a one-core machine both share it)")
+    serve.add_argument("--trainer-nice", type=int, default=0, choices=range(20), metavar="0-19",
+                       help="run the training worker at this lower CPU priority (default: 0; its cores "
+                            "are its own, shared only with vLLM's API server)")
     serve.add_argument("--max-probe-drift", type=float, default=0.5, metavar="NATS",
                        help="undo a step that moves a fixed probe text's mean log-prob by more than "
                             "this (default: 0.5; 0 turns the check off)")

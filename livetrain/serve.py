@@ -5,9 +5,9 @@ Start-up order: vLLM and the training worker's imports side by side; once vLLM i
 to go, maps that copy and owns the directory. On
 stop the worker syncs the checkpoint before the shared copy is removed, so nothing
 applied is lost. CPU resources are set explicitly: vLLM's KV cache (its default is
-0.9 x RAM) and the trainer's threads (vLLM's OpenMP threads take every core; the trainer
-one thread by default, since it runs only while `/train` has work, at a lower priority, so
-that on a machine with few cores inference keeps its speed while a step runs).
+0.9 x RAM) and the cores (`livetrain.cpus`: the trainer gets the last core, one thread,
+and vLLM's OpenMP threads the others, so a step never preempts an inference thread
+mid-kernel; vLLM by default leaves that last core to its API server anyway).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from livetrain.cpus import format_cpus, split_cores
 from livetrain.vllm_plugin.launcher import VllmLaunch, check_supported, start_vllm, stop_vllm, wait_until_ready
 from livetrain.vllm_plugin.plugins import check_access_rule
 from livetrain.vllm_plugin.settings import PluginSettings
@@ -50,8 +51,8 @@ class ServeOptions:
     cpu_mode: str = "reload"
     consistent_updates: bool = False
     kv_cache_gib: float = 1.0
-    trainer_threads: int = 1
-    trainer_nice: int = 10
+    trainer_cores: int = 1
+    trainer_nice: int = 0
     max_probe_drift: float = 0.5
     max_worker_restarts: int = 5
     vllm_args: Sequence[str] = field(default_factory=tuple)
@@ -74,6 +75,7 @@ class LiveServer:
         self.vllm: subprocess.Popen | None = None
         self.worker: WorkerProcess | None = None
         self.worker_restarts = 0
+        self.vllm_cores, self.trainer_cores = split_cores(options.trainer_cores)
         self._stop: dict[str, int | None] | None = None  # the signal state while handlers are installed
 
     @property
@@ -99,9 +101,11 @@ class LiveServer:
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.launch = VllmLaunch(self.model_dir, settings, host=options.host, port=options.port,
-                                 kv_cache_gib=options.kv_cache_gib, extra_args=tuple(options.vllm_args))
+                                 kv_cache_gib=options.kv_cache_gib, cpus=format_cpus(self.vllm_cores),
+                                 extra_args=tuple(options.vllm_args))
         vllm_log = self.log_dir / "vllm.log"
-        self.say(f"starting vLLM on {self.base_url} (log: {vllm_log}) and the training worker beside it")
+        self.say(f"starting vLLM on {self.base_url} (cores {format_cpus(self.vllm_cores)}; log: {vllm_log}) "
+                 f"and the training worker beside it (cores {format_cpus(self.trainer_cores)})")
         # The worker imports while vLLM starts, and opens the weights once vLLM has exported them.
         self.worker = self._spawn_worker(wait_for_go=True)
         self.vllm = start_vllm(self.launch, vllm_log)
@@ -120,7 +124,7 @@ class LiveServer:
         options = self.options
         return WorkerProcess.spawn(
             self.model_dir, optimizer=options.optimizer, train_modules=options.train_modules,
-            lr=options.lr, sync_interval_s=options.sync_interval_s, threads=options.trainer_threads,
+            lr=options.lr, sync_interval_s=options.sync_interval_s, cpus=self.trainer_cores,
             nice=options.trainer_nice,
             max_probe_drift=options.max_probe_drift, shared_copy=self.shm_dir,
             runtime_dir=self.runtime_dir, log_path=self.log_dir / "worker.log", wait_for_go=wait_for_go)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from livetrain.checkpoint.commands import checkpoint_verify
+from livetrain.cpus import parse_cpus
 from livetrain.serve import ADMIN_TOKEN_ENV, LiveServer, ServeOptions
 from livetrain.vllm_plugin.plugins import AccessRuleError
 from livetrain.weights import open_shared_copy
@@ -133,6 +134,10 @@ def test_worker_and_vllm_deaths(tmp_path, tokenizer_dir, monkeypatch, killed_vll
         assert "retry-after" in {k.lower() for k in headers}
         assert call(base, "GET", "/train/status")[0] == 503
         assert server.check() is None  # restarts the worker
+        # On its own core(s), as the first one was; vLLM's OpenMP threads on the others.
+        assert os.sched_getaffinity(server.worker.popen.pid) == server.trainer_cores
+        assert parse_cpus(psutil.Process(server.vllm.pid).environ()["VLLM_CPU_OMP_THREADS_BIND"]) == server.vllm_cores
+        assert len(os.sched_getaffinity(0)) == 1 or not server.vllm_cores & server.trainer_cores
         status, body, _ = call(base, "POST", "/train", train_body(3))
         back_after = time.monotonic() - killed_at
         assert status == 200 and body["applied"], body

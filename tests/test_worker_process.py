@@ -23,6 +23,8 @@ from livetrain.checkpoint import DirectoryInUse
 from livetrain.checkpoint.lock import DirectoryLock
 from tests.session_helpers import example, files_digest, wire
 
+LAST_CORE = {max(os.sched_getaffinity(0))}
+
 
 @pytest.fixture
 def loop_server(tmp_path):
@@ -129,18 +131,19 @@ def worker(tmp_path_factory, tokenizer_dir):
     from tests.session_helpers import tiny_dir
 
     model_dir = tiny_dir(tmp_path_factory.mktemp("worker") / "model", tokenizer_dir)
-    process = WorkerProcess.start(model_dir, threads=2, sync_interval_s=3600, nice=3)
+    process = WorkerProcess.start(model_dir, threads=2, sync_interval_s=3600, nice=3, cpus=LAST_CORE)
     yield process, model_dir
     process.stop()
 
 
-def test_every_thread_of_the_worker_runs_at_the_lower_priority(worker):
+def test_every_thread_of_the_worker_runs_at_the_lower_priority_on_its_cores(worker):
     process, _ = worker
     process.request("train", {"examples": [wire(example(0))]})  # every thread pool has started
     own = os.getpriority(os.PRIO_PROCESS, 0)
     tasks = list(Path(f"/proc/{process.popen.pid}/task").iterdir())
     assert len(tasks) > 2
     assert {os.getpriority(os.PRIO_PROCESS, int(task.name)) for task in tasks} == {min(own + 3, 19)}
+    assert all(os.sched_getaffinity(int(task.name)) == LAST_CORE for task in tasks)
 
 
 def test_the_socket_lives_in_a_private_runtime_directory(worker):

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from livetrain.cpus import parse_cpus
 from livetrain.vllm_plugin.extension import QUALNAME
 from livetrain.vllm_plugin.settings import BACKEND, PluginSettings
 
@@ -103,7 +104,7 @@ def vllm_env(launch: VllmLaunch, base: Mapping[str, str] = os.environ) -> dict[s
     env["VLLM_CPU_KVCACHE_SPACE"] = f"{launch.kv_cache_gib:g}"
     cpus = launch.cpus or f"0-{(os.cpu_count() or 1) - 1}"
     env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
-    env["OMP_NUM_THREADS"] = str(count_cpus(cpus))
+    env["OMP_NUM_THREADS"] = str(len(parse_cpus(cpus)))
     env.update(launch.settings.to_env())
     return env
 
@@ -112,15 +113,6 @@ def installed_general_plugins() -> set[str]:
     from importlib.metadata import entry_points
 
     return {ep.name for ep in entry_points(group="vllm.general_plugins")}
-
-
-def count_cpus(cpus: str) -> int:
-    """Cores in a list such as "0-3,6" (vLLM's VLLM_CPU_OMP_THREADS_BIND syntax for one worker)."""
-    total = 0
-    for part in cpus.split(","):
-        first, _, last = part.partition("-")
-        total += int(last or first) - int(first) + 1
-    return total
 
 
 def start_vllm(launch: VllmLaunch, log_path: Path) -> subprocess.Popen:

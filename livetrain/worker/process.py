@@ -22,11 +22,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from livetrain.checkpoint import GenerationNotFoundError
+from livetrain.cpus import format_cpus, parse_cpus
 from livetrain.train.data import DataFormatError, Example, SFTExample, parse_record
 from livetrain.train.step import InvalidExampleError, StepOptions, validate_examples
 from livetrain.worker import protocol
@@ -180,7 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--sync-interval", type=float, default=600.0,
                         help="seconds after the last applied step before a checkpoint sync")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default with --cpus: one per core)")
+    parser.add_argument("--cpus", type=parse_cpus, metavar="LIST",
+                        help="run every thread on these cores only, e.g. 1 or 2-3 (livetrain serve gives the "
+                             "trainer cores vLLM's OpenMP threads do not use)")
     parser.add_argument("--max-probe-drift", type=float, default=0.5,
                         help="undo a step that moves a fixed probe text's mean log-prob by more than this "
                              "(nats per token); 0 turns the check off")
@@ -196,9 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.nice:
         lower_priority(args.nice)
+    if args.cpus:
+        pin_to_cores(args.cpus)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s livetrain.worker %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (len(args.cpus) if args.cpus else None)
+    if threads:
+        torch.set_num_threads(threads)
     if args.wait_for_go:
         import transformers  # noqa: F401  (the slow import, done while waiting)
 
@@ -215,6 +222,12 @@ def lower_priority(by: int) -> None:
     target = min(os.getpriority(os.PRIO_PROCESS, 0) + by, 19)
     for task in os.listdir("/proc/self/task"):
         os.setpriority(os.PRIO_PROCESS, int(task), target)
+
+
+def pin_to_cores(cores: set[int]) -> None:
+    """Run every thread of this process, and those started afterwards, on ``cores`` only."""
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(task), cores)
 
 
 def new_runtime_dir() -> Path:
@@ -256,7 +269,7 @@ class WorkerProcess:
               train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
               sync_interval_s: float = 600.0, threads: int | None = None, max_probe_drift: float = 0.5,
               shared_copy: str | os.PathLike | None = None, runtime_dir: str | os.PathLike | None = None,
-              nice: int = 0, env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
+              nice: int = 0, cpus: Iterable[int] | None = None, env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
               wait_for_go: bool = False) -> "WorkerProcess":
         """Start ``python -m livetrain.worker``; do not wait for it.
 
@@ -264,6 +277,7 @@ class WorkerProcess:
         known beforehand (vLLM's plugin is told it before the worker starts); it is
         removed by :meth:`stop`. ``shared_copy``: train the served weights (see
         ``--shared-copy``). ``nice``: how much lower the worker's CPU priority is (0-19).
+        ``cpus``: the cores every worker thread runs on (one torch thread each unless ``threads``).
         ``log_path``: append the worker's output there instead of inheriting this process's.
         ``wait_for_go``: the worker imports, then waits for :meth:`go` before it opens the
         weights (so its start-up overlaps vLLM's).
@@ -282,6 +296,8 @@ class WorkerProcess:
             command += ["--shared-copy", str(shared_copy)]
         if nice:
             command += ["--nice", str(nice)]
+        if cpus is not None:
+            command += ["--cpus", format_cpus(cpus)]
         if wait_for_go:
             command.append("--wait-for-go")
         stdin = subprocess.PIPE if wait_for_go else None if log_path is None else subprocess.DEVNULL
