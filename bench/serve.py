@@ -3,13 +3,13 @@
 For each server: start-up to ready, single-stream and 8-concurrent tokens/s (64-token
 completions, ignore_eos), and peak memory of all its processes (sum of PSS, sampled
 every 0.25 s: shared pages count once). Plain vLLM keeps its own core binding (or
-``--plain-cpus``), livetrain serve its default split. For livetrain also: single-stream
+``--plain-cpus``), livetrain serve its own (or ``--trainer-cores``). For livetrain also: single-stream
 tokens/s while /train runs back to back (and the trainer's steps/s meanwhile and alone),
 and the time from an applied step's end (as the worker measured it) to the moment a
 request can see it (the /train reply comes after the refresh; the next request's
 log-prob shows the new weights).
 
-    .venv/bin/python bench/serve.py [--model DIR] [--runs 3] [--steps 10] [--plain-cpus 0-1]
+    .venv/bin/python bench/serve.py [--model DIR] [--runs 3] [--steps 10] [--trainer-cores N] [--plain-cpus 0-1]
 
 Prints a table and writes bench/results/serve.json.
 """
@@ -212,9 +212,9 @@ def omp_cores(log: Path) -> str:
     return lines[-1].split("core ids=")[1].strip() if lines else "unknown"
 
 
-def livetrain_serve(model_dir: Path, port: int, runs: int, steps: int) -> dict:
+def livetrain_serve(model_dir: Path, port: int, runs: int, steps: int, trainer_cores: int) -> dict:
     server = LiveServer(ServeOptions(model_dir=model_dir, port=port, vllm_args=VLLM_ARGS,
-                                     max_probe_drift=0), say=lambda line: None)
+                                     trainer_cores=trainer_cores, max_probe_drift=0), say=lambda line: None)
     memory = PeakMemory(lambda: [p.pid for p in (server.vllm, server.worker and server.worker.popen) if p])
     try:
         startup = server.start()
@@ -237,13 +237,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--port", type=int, default=8191)
+    parser.add_argument("--trainer-cores", type=int, default=ServeOptions.trainer_cores,
+                        help="livetrain serve's --trainer-cores (default: its default)")
     parser.add_argument("--plain-cpus", metavar="LIST",
                         help="bind plain vLLM's OpenMP threads to these cores (default: vLLM's own binding)")
     args = parser.parse_args()
 
     model_dir = fresh_model_copy(args.model, "bench-serve")
     plain = plain_vllm(model_dir, args.port, args.runs, model_dir.parent / "plain-vllm.log", args.plain_cpus)
-    live = livetrain_serve(model_dir, args.port, args.runs, args.steps)
+    live = livetrain_serve(model_dir, args.port, args.runs, args.steps, args.trainer_cores)
 
     rows = [
         ("single-stream tok/s, serve vs plain vLLM", live["single_tok_s"], plain["single_tok_s"], "≥ 0.9×"),

@@ -13,7 +13,7 @@
    (the worker syncs), how many trained tensors in the directory differ from what the
    step left in the shared copy, and whether the directory verifies.
 
-    .venv/bin/python bench/serve_load.py [--model DIR] [--seconds 60] [--clients 8]
+    .venv/bin/python bench/serve_load.py [--model DIR] [--seconds 60] [--clients 8] [--trainer-cores N]
 
 Prints a table and writes bench/results/serve_load.json.
 """
@@ -228,13 +228,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--port", type=int, default=8193)
+    parser.add_argument("--trainer-cores", type=int, default=ServeOptions.trainer_cores,
+                        help="livetrain serve's --trainer-cores (default: its default)")
     args = parser.parse_args()
 
     model_dir = fresh_model_copy(args.model, "bench-serve-load")
-    server = LiveServer(ServeOptions(model_dir=model_dir, port=args.port, vllm_args=VLLM_ARGS, max_probe_drift=0),
+    server = LiveServer(ServeOptions(model_dir=model_dir, port=args.port, vllm_args=VLLM_ARGS, max_probe_drift=0,
+                                     trainer_cores=args.trainer_cores),
                         say=lambda line: print("  serve:", line))
     result: dict = {"seconds": args.seconds, "clients": args.clients, "new_tokens": NEW_TOKENS,
-                    "vllm_args": VLLM_ARGS, "cpus": os.cpu_count()}
+                    "vllm_args": VLLM_ARGS, "cpus": os.cpu_count(),
+                    "trainer_cores": args.trainer_cores}
     try:
         server.start()
         base = server.base_url

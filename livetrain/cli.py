@@ -240,12 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "of letting in-flight requests continue on the new weights")
     serve.add_argument("--kv-cache-gib", type=float, default=1.0,
                        help="vLLM's CPU KV cache in GiB (default: 1; vLLM's own default is 0.9 x RAM)")
-    serve.add_argument("--trainer-cores", type=int, default=1, metavar="N",
-                       help="the training worker runs on the last N cores, one thread each, and vLLM's "
-                            "OpenMP threads on the others (default: 1; on a one-core machine both share it)")
-    serve.add_argument("--trainer-nice", type=int, default=0, choices=range(20), metavar="0-19",
-                       help="run the training worker at this lower CPU priority (default: 0; its cores "
-                            "are its own, shared only with vLLM's API server)")
+    serve.add_argument("--trainer-cores", type=int, default=0, metavar="N",
+                       help="0 (default): vLLM's OpenMP threads use every core and the training worker runs "
+                            "one thread beside them; N: the training worker gets the last N cores to itself "
+                            "(one thread each) and vLLM the others (a stream keeps more of its speed while "
+                            "/train runs; see docs/benchmarks.md for the trade-off)")
+    serve.add_argument("--trainer-nice", type=int, default=10, choices=range(20), metavar="0-19",
+                       help="run the training worker at this lower CPU priority, so inference keeps its "
+                            "speed while a step runs on a busy machine (default: 10; 0: same as vLLM)")
     serve.add_argument("--max-probe-drift", type=float, default=0.5, metavar="NATS",
                        help="undo a step that moves a fixed probe text's mean log-prob by more than "
                             "this (default: 0.5; 0 turns the check off)")

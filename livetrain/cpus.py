@@ -1,9 +1,9 @@
 """CPU cores: the list syntax, and how `livetrain serve` shares the cores between vLLM and the trainer.
 
-vLLM's CPU worker binds one OpenMP thread to each core it is given; by default ("auto")
-it leaves the last core to its scheduler and API server. `livetrain serve` gives the
-training worker that last core (or the last ``trainer_cores``) and binds vLLM's OpenMP
-threads to the others, so a training step never preempts an inference thread mid-kernel.
+vLLM's CPU worker binds one OpenMP thread to each core it is given. By default
+`livetrain serve` gives vLLM every core and runs the trainer's one thread beside it
+(at a lower priority); with ``trainer_cores`` N > 0 the trainer gets the last N cores to
+itself and vLLM's OpenMP threads the others (docs/benchmarks.md measures both).
 """
 
 from __future__ import annotations
@@ -33,15 +33,16 @@ def format_cpus(cores: Iterable[int]) -> str:
 def split_cores(trainer_cores: int, available: Iterable[int] | None = None) -> tuple[set[int], set[int]]:
     """``(vLLM's cores, the trainer's cores)`` out of ``available`` (default: this process's).
 
-    The trainer takes the last ``trainer_cores`` cores and vLLM the rest; with one core
-    available both share it. Raises ValueError when the split would leave vLLM no core.
+    ``trainer_cores`` 0: both get every core (shared). N > 0: the trainer takes the last N
+    cores and vLLM the rest; with one core available both share it. Raises CoreSplitError
+    when the split would leave vLLM no core.
     """
     cores = sorted(os.sched_getaffinity(0) if available is None else available)
-    if trainer_cores < 1:
-        raise CoreSplitError(f"the trainer needs at least one core, not {trainer_cores}")
-    if len(cores) == 1:
+    if trainer_cores < 0:
+        raise CoreSplitError(f"the number of trainer cores cannot be negative ({trainer_cores})")
+    if trainer_cores == 0 or len(cores) == 1:
         return set(cores), set(cores)
     if trainer_cores >= len(cores):
         raise CoreSplitError(f"{trainer_cores} trainer cores leave vLLM none of the {len(cores)} cores "
-                         f"available ({format_cpus(cores)})")
+                             f"available ({format_cpus(cores)})")
     return set(cores[:-trainer_cores]), set(cores[-trainer_cores:])

@@ -5,9 +5,9 @@ Start-up order: vLLM and the training worker's imports side by side; once vLLM i
 to go, maps that copy and owns the directory. On
 stop the worker syncs the checkpoint before the shared copy is removed, so nothing
 applied is lost. CPU resources are set explicitly: vLLM's KV cache (its default is
-0.9 x RAM) and the cores (`livetrain.cpus`: the trainer gets the last core, one thread,
-and vLLM's OpenMP threads the others, so a step never preempts an inference thread
-mid-kernel; vLLM by default leaves that last core to its API server anyway).
+0.9 x RAM) and the cores (`livetrain.cpus`): by default vLLM's OpenMP threads take every
+core and the trainer runs one thread beside them at a lower priority; ``trainer_cores``
+N > 0 gives the trainer the last N cores to itself instead.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class ServeOptions:
     cpu_mode: str = "reload"
     consistent_updates: bool = False
     kv_cache_gib: float = 1.0
-    trainer_cores: int = 1
-    trainer_nice: int = 0
+    trainer_cores: int = 0
+    trainer_nice: int = 10
     max_probe_drift: float = 0.5
     max_worker_restarts: int = 5
     vllm_args: Sequence[str] = field(default_factory=tuple)
@@ -124,8 +124,9 @@ class LiveServer:
         options = self.options
         return WorkerProcess.spawn(
             self.model_dir, optimizer=options.optimizer, train_modules=options.train_modules,
-            lr=options.lr, sync_interval_s=options.sync_interval_s, cpus=self.trainer_cores,
-            nice=options.trainer_nice,
+            lr=options.lr, sync_interval_s=options.sync_interval_s, nice=options.trainer_nice,
+            # Pinned to cores of its own (one thread each), or one thread beside vLLM's.
+            **({"threads": 1} if self.trainer_cores == self.vllm_cores else {"cpus": self.trainer_cores}),
             max_probe_drift=options.max_probe_drift, shared_copy=self.shm_dir,
             runtime_dir=self.runtime_dir, log_path=self.log_dir / "worker.log", wait_for_go=wait_for_go)
 

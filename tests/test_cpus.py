@@ -20,9 +20,10 @@ def test_the_trainer_takes_the_last_cores_and_vllm_the_others():
     assert split_cores(1, [2, 5, 7]) == ({2, 5}, {7})  # the cores this process may use, not 0..n-1
 
 
-def test_one_core_is_shared_and_a_split_leaving_vllm_nothing_is_refused():
+def test_no_trainer_cores_or_one_core_means_shared_and_leaving_vllm_nothing_is_refused():
+    assert split_cores(0, [0, 1]) == ({0, 1}, {0, 1})
     assert split_cores(1, [4]) == ({4}, {4})
     with pytest.raises(CoreSplitError, match="leave vLLM none of the 2 cores"):
         split_cores(2, [0, 1])
-    with pytest.raises(CoreSplitError, match="at least one core"):
-        split_cores(0, [0, 1])
+    with pytest.raises(CoreSplitError, match="negative"):
+        split_cores(-1, [0, 1])

@@ -99,7 +99,7 @@ def test_worker_and_vllm_deaths(tmp_path, tokenizer_dir, monkeypatch, killed_vll
 
     monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
     model_dir = write_vllm_tiny_model(tmp_path / "model", "llama", tokenizer_dir)
-    options = ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0,
+    options = ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0, trainer_cores=1,
                            vllm_args=("--enforce-eager", "--max-model-len", "256"))
     messages: list[str] = []
     server = LiveServer(options, say=messages.append)
@@ -134,7 +134,7 @@ def test_worker_and_vllm_deaths(tmp_path, tokenizer_dir, monkeypatch, killed_vll
         assert "retry-after" in {k.lower() for k in headers}
         assert call(base, "GET", "/train/status")[0] == 503
         assert server.check() is None  # restarts the worker
-        # On its own core(s), as the first one was; vLLM's OpenMP threads on the others.
+        # On its own core (--trainer-cores 1), as the first one was; vLLM's OpenMP threads on the others.
         assert os.sched_getaffinity(server.worker.popen.pid) == server.trainer_cores
         assert parse_cpus(psutil.Process(server.vllm.pid).environ()["VLLM_CPU_OMP_THREADS_BIND"]) == server.vllm_cores
         assert len(os.sched_getaffinity(0)) == 1 or not server.vllm_cores & server.trainer_cores
