@@ -108,6 +108,14 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def duty_fraction(text: str) -> float:
+    """An argparse type: a fraction in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import warnings
 
@@ -121,7 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_dir=args.model, host=args.host, port=args.port, admin_token_file=args.admin_token_file,
         sync_interval_s=args.sync_interval, optimizer=args.optimizer, lr=args.lr,
         cpu_mode=args.cpu_mode, consistent_updates=args.consistent_updates,
-        kv_cache_gib=args.kv_cache_gib, trainer_cores=args.trainer_cores, trainer_nice=args.trainer_nice,
+        kv_cache_gib=args.kv_cache_gib, trainer_cores=args.trainer_cores, trainer_duty=args.trainer_duty,
+        trainer_nice=args.trainer_nice,
         max_probe_drift=args.max_probe_drift, vllm_args=args.vllm_args,
         **({"train_modules": args.train_modules} if args.train_modules else {}))
     return serve(options)
@@ -245,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "one thread beside them; N: the training worker gets the last N cores to itself "
                             "(one thread each) and vLLM the others (a stream keeps more of its speed while "
                             "/train runs; see docs/benchmarks.md for the trade-off)")
+    serve.add_argument("--trainer-duty", type=duty_fraction, default=0.5, metavar="F",
+                       help="while generation requests are in flight, training steps keep the trainer busy "
+                            "at most this fraction of the time (a step of t seconds is followed by a pause "
+                            "of t*(1-F)/F); inference first (default: 0.5; 1: steps back to back)")
     serve.add_argument("--trainer-nice", type=int, default=10, choices=range(20), metavar="0-19",
                        help="run the training worker at this lower CPU priority, so inference keeps its "
                             "speed while a step runs on a busy machine (default: 10; 0: same as vLLM)")

@@ -53,6 +53,7 @@ class ServeOptions:
     kv_cache_gib: float = 1.0
     trainer_cores: int = 0
     trainer_nice: int = 10
+    trainer_duty: float = 0.5
     max_probe_drift: float = 0.5
     max_worker_restarts: int = 5
     vllm_args: Sequence[str] = field(default_factory=tuple)
@@ -94,7 +95,8 @@ class LiveServer:
                                   train_modules=options.train_modules,
                                   admin_token_file=self._token_file(),
                                   worker_address=worker_address(self.runtime_dir),
-                                  consistent_updates=options.consistent_updates)
+                                  consistent_updates=options.consistent_updates,
+                                  trainer_duty=options.trainer_duty)
         check_access_rule(options.host, settings)
         # Fail now, not after vLLM's start-up, if another process owns the directory.
         DirectoryLock(self.model_dir, "livetrain serve (start-up check)").release()

@@ -112,6 +112,10 @@ def test_a_step_during_a_request_keeps_it_running_and_new_requests_off_stale_blo
         # new weights and the scene is set again, at most three times.
         for attempt in range(3):
             long_request = LongRequest(base, body)
+            with urllib.request.urlopen(base + "/train/status", timeout=60) as response:
+                pacing = json.loads(response.read())["pacing"]
+            if long_request.runner.is_alive():  # it ran throughout the status call: counted
+                assert pacing["generations_in_flight"] == 1, pacing
             step = post_json(base + "/train", {"examples": [wire(example(0))]})
             assert step["applied"], step
             if long_request.runner.is_alive():

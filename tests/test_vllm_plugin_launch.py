@@ -43,7 +43,8 @@ def test_configurations_not_designed_yet_are_refused(tmp_path, args):
 
 
 def test_environment_appends_livetrain_to_vllm_plugins_and_sets_cpu_resources(tmp_path):
-    settings = PluginSettings(shm_dir=Path("/dev/shm/livetrain-x"), cpu_mode="zero-copy", worker_address="ipc:///w")
+    settings = PluginSettings(shm_dir=Path("/dev/shm/livetrain-x"), cpu_mode="zero-copy", worker_address="ipc:///w",
+                              trainer_duty=0.25)
     env = vllm_env(VllmLaunch(tmp_path, settings, kv_cache_gib=2, cpus="0-1"), base={"VLLM_PLUGINS": "other"})
     assert env["VLLM_PLUGINS"] == "other,livetrain"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"

@@ -13,6 +13,7 @@ Routes (all need ``Authorization: Bearer TOKEN`` when a token is set):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -24,6 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from livetrain.routes.pacing import StepPacer
 from livetrain.routes.schemas import (CheckpointBody, LogprobsBody, RequestLimits, RollbackBody, TrainBody,
                                       error_response, validation_error_response)
 from livetrain.worker import protocol
@@ -52,7 +54,8 @@ class TrainingRoutes:
 
     ``max_queue``: requests for the worker (train, logprobs, checkpoint, rollback)
     waiting or running at once; one more gets 429 with ``Retry-After``. ``limits``:
-    body size, examples and tokens per request.
+    body size, examples and tokens per request. ``pacer``: paces training steps while
+    generation requests are in flight (the default never pauses).
     """
 
     worker: Worker
@@ -60,6 +63,7 @@ class TrainingRoutes:
     on_weights_changed: WeightsChangedHook | None = None
     max_queue: int = 8
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
+    pacer: StepPacer = dataclasses.field(default_factory=StepPacer)
     # One refresh of the served weights at a time: vLLM's weight-update API refuses a
     # second start_weight_update while one is active (steps finishing close together).
     refresh_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
@@ -144,8 +148,9 @@ def _worker_error(exc: WorkerError, request_id: str) -> JSONResponse:
 
 
 async def _queued_call(routes: TrainingRoutes, op: str, args: dict[str, Any], timeout_s: float,
-                       request_id: str) -> dict[str, Any]:
-    """A worker call that holds a place in the bounded queue while it waits and runs."""
+                       request_id: str, paced: bool = False) -> dict[str, Any]:
+    """A worker call that holds a place in the bounded queue while it waits and runs
+    (``paced``: a training step, which also waits for its turn with the pacer)."""
     if routes.in_flight >= routes.max_queue:
         retry_after = max(1, math.ceil(routes.last_step_seconds * routes.in_flight))
         raise _Refused(error_response(
@@ -153,7 +158,8 @@ async def _queued_call(routes: TrainingRoutes, op: str, args: dict[str, Any], ti
             "rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after)}))
     routes.in_flight += 1
     try:
-        return await routes.worker.call(op, args, timeout_s=timeout_s, request_id=request_id)
+        async with routes.pacer.turn() if paced else contextlib.nullcontext():
+            return await routes.worker.call(op, args, timeout_s=timeout_s, request_id=request_id)
     except WorkerError as exc:
         raise _Refused(_worker_error(exc, request_id))
     finally:
@@ -206,7 +212,7 @@ async def train(request: Request, routes: TrainingRoutes, request_id: str) -> di
     _check_limits(routes, [e.token_lists() for e in body.examples])
     args = {"examples": [e.model_dump(exclude_none=True) for e in body.examples],
             "options": body.step_options(), "request_id": request_id}
-    result = await _queued_call(routes, "train", args, body.timeout_s, request_id)
+    result = await _queued_call(routes, "train", args, body.timeout_s, request_id, paced=True)
     routes.last_step_seconds = result.get("seconds") or routes.last_step_seconds
     await _publish(routes, result, request_id)
     return result
@@ -226,7 +232,10 @@ async def status(request: Request, routes: TrainingRoutes, request_id: str) -> d
         result = await routes.worker.call("status", timeout_s=STATUS_TIMEOUT_S, request_id=request_id)
     except WorkerError as exc:
         raise _Refused(_worker_error(exc, request_id))
-    return {**result, "queue_depth": routes.in_flight, "max_queue": routes.max_queue}
+    pacer = routes.pacer
+    return {**result, "queue_depth": routes.in_flight, "max_queue": routes.max_queue,
+            "pacing": {"trainer_duty": pacer.duty, "generations_in_flight": pacer.generations,
+                       "paused_s": round(pacer.paused_s, 3)}}
 
 
 async def checkpoint(request: Request, routes: TrainingRoutes, request_id: str) -> dict[str, Any]:

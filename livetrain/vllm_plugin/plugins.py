@@ -11,11 +11,15 @@ from __future__ import annotations
 import ipaddress
 import socket
 from argparse import Namespace
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.datastructures import State
 
 from livetrain.vllm_plugin.settings import BACKEND, PluginSettings
+
+if TYPE_CHECKING:
+    from livetrain.routes.pacing import StepPacer
 
 
 class AccessRuleError(RuntimeError):
@@ -55,6 +59,14 @@ def check_access_rule(host: str | None, settings: PluginSettings) -> None:
             "(LIVETRAIN_ADMIN_TOKEN_FILE when starting vLLM yourself)")
 
 
+def training_pacer(scope) -> "StepPacer | None":
+    """The training routes' `StepPacer` (None before the plugin's state is set up)."""
+    from livetrain.routes import STATE_ATTRIBUTE
+
+    routes = getattr(scope["app"].state, STATE_ATTRIBUTE, None)
+    return None if routes is None else routes.pacer
+
+
 def served_refreshes(scope) -> int | None:
     """The refresh count of the app's `ServedModel` (None before the plugin's state is set up)."""
     served = getattr(scope["app"].state, "livetrain_served", None)
@@ -68,13 +80,16 @@ class LivetrainEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        """Mount the training routes, and salt generation requests with the served weights'
-        refresh count so that no new request reuses prefix-cache blocks of older weights."""
+        """Mount the training routes; salt generation requests with the served weights'
+        refresh count so that no new request reuses prefix-cache blocks of older weights;
+        count generation requests in flight for the training steps' pacer."""
         from livetrain.routes import router
         from livetrain.vllm_plugin.cache_salt import PrefixCacheSalt
+        from livetrain.vllm_plugin.generation_count import GenerationCount
 
         app.include_router(router)
         app.add_middleware(PrefixCacheSalt, refreshes=served_refreshes)
+        app.add_middleware(GenerationCount, pacer=training_pacer)
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
         """Check the access rule, export the weights, and install the routes' dependencies.
@@ -83,6 +98,7 @@ class LivetrainEndpointPlugin:
         so the worker may start after vLLM (it maps the shared copy made here).
         """
         from livetrain.routes import TrainingRoutes
+        from livetrain.routes.pacing import StepPacer
         from livetrain.vllm_plugin.served import ServedModel
         from livetrain.worker.connection import WorkerConnection
 
@@ -102,4 +118,4 @@ class LivetrainEndpointPlugin:
 
         token = settings.admin_token_file.read_text().strip() if settings.admin_token_file else None
         TrainingRoutes(worker=WorkerConnection(settings.worker_address), admin_token=token,
-                       on_weights_changed=refresh).install(state)
+                       on_weights_changed=refresh, pacer=StepPacer(settings.trainer_duty)).install(state)

@@ -22,6 +22,8 @@ class PluginSettings:
     ``admin_token_file``: set when the routes require a token (then any host may be served).
     ``worker_address``: the training worker's ZMQ address (``ipc://...``).
     ``consistent_updates``: pause generation (keeping requests) around each reload.
+    ``trainer_duty``: while generation requests are in flight, the fraction of the time
+    training steps may keep the trainer busy (`livetrain.routes.pacing`; 1: no pacing).
     """
 
     shm_dir: Path
@@ -30,10 +32,13 @@ class PluginSettings:
     admin_token_file: Path | None = None
     worker_address: str | None = None
     consistent_updates: bool = False
+    trainer_duty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.cpu_mode not in CPU_MODES:
             raise ValueError(f"LIVETRAIN_CPU_MODE must be one of {CPU_MODES}, not {self.cpu_mode!r}")
+        if not 0 < self.trainer_duty <= 1:
+            raise ValueError(f"LIVETRAIN_TRAINER_DUTY must be in (0, 1], not {self.trainer_duty}")
 
     def to_env(self) -> dict[str, str]:
         env = {"LIVETRAIN_SHM_DIR": str(self.shm_dir), "LIVETRAIN_CPU_MODE": self.cpu_mode,
@@ -44,6 +49,8 @@ class PluginSettings:
             env["LIVETRAIN_WORKER_ADDRESS"] = self.worker_address
         if self.consistent_updates:
             env["LIVETRAIN_CONSISTENT_UPDATES"] = "1"
+        if self.trainer_duty != 1.0:
+            env["LIVETRAIN_TRAINER_DUTY"] = repr(self.trainer_duty)
         return env
 
     @classmethod
@@ -54,4 +61,5 @@ class PluginSettings:
                    train_modules=env.get("LIVETRAIN_TRAIN_MODULES", DEFAULT_TRAIN_MODULES),
                    admin_token_file=Path(token) if token else None,
                    worker_address=env.get("LIVETRAIN_WORKER_ADDRESS"),
-                   consistent_updates=env.get("LIVETRAIN_CONSISTENT_UPDATES", "") not in ("", "0"))
+                   consistent_updates=env.get("LIVETRAIN_CONSISTENT_UPDATES", "") not in ("", "0"),
+                   trainer_duty=float(env.get("LIVETRAIN_TRAINER_DUTY", "1")))
