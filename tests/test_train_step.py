@@ -104,6 +104,21 @@ def test_dpo_step_raises_chosen_over_rejected(model):
     assert margin() > before
 
 
+def test_reported_grad_norm_is_the_norm_of_the_accumulated_gradients(model):
+    class Recording(torch.optim.SGD):
+        """Records the global norm of the gradients it steps on."""
+
+        def step(self, closure=None):
+            grads = [p.grad.flatten() for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self.seen = torch.cat(grads).norm().item()
+            return super().step(closure)
+
+    opt = Recording(model.parameters(), lr=1e-3)
+    batch = [SFTExample(CTX, ANS), SFTExample(CTX[:10], ANS[:3]), SFTExample(CTX[5:], ANS)]
+    result = train_step(model, opt, batch, StepOptions(max_grad_norm=None))
+    assert result.applied and result.grad_norm == pytest.approx(opt.seen, rel=1e-5)
+
+
 def test_dry_run_computes_gradients_and_applies_nothing(model):
     snap = snapshot(model)
     result = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), [SFTExample(CTX, ANS)],
