@@ -155,3 +155,21 @@ def test_train_requests_are_paced_and_status_reports_it():
     assert [op for op, _ in worker.ops] == ["train", "train", "logprobs", "status"]
     assert worker.ops[1][1] == 2.0 and worker.ops[2][1] == 3.0 and fake.sleeps == [1.0]
     assert status["pacing"] == {"trainer_duty": 0.5, "generations_in_flight": 1, "paused_s": 1.0}
+
+
+def test_a_step_whose_turn_would_come_after_its_timeout_gets_504_and_never_runs():
+    pacer, fake = paced(0.25)
+    worker = StepWorker(fake)
+    app = FastAPI()
+    app.include_router(router)
+    TrainingRoutes(worker, pacer=pacer).install(app.state)
+    example = {"context_ids": [1, 2, 3], "continuation_ids": [4, 5]}
+    with TestClient(app) as http:
+        pacer.generation_started()
+        assert http.post("/train", json={"examples": [example]}).status_code == 200
+        # The 1 s step is followed by a 3 s pause while generating: a 2 s timeout cannot be met.
+        response = http.post("/train", json={"examples": [example], "timeout_s": 2})
+        assert response.status_code == 504 and response.json()["error"]["code"] == "paced_timeout"
+        pacer.generation_finished()  # nothing generating: no pause, the next step runs at once
+        assert http.post("/train", json={"examples": [example], "timeout_s": 2}).status_code == 200
+    assert [op for op, _ in worker.ops] == ["train", "train"] and fake.sleeps == []

@@ -16,6 +16,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 
+class TurnTimeout(TimeoutError):
+    """A step's turn did not come within the time it was allowed to wait; it never ran."""
+
+
 class StepPacer:
     """Paces training steps against in-flight generation requests (see the module).
 
@@ -41,16 +45,28 @@ class StepPacer:
         self.generations -= 1
 
     @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
+    async def turn(self, wait_at_most_s: float | None = None) -> AsyncIterator[float]:
         """Hold the trainer for one step: steps take turns, and while generation is in
-        flight each starts no sooner than its predecessor's pause allows."""
-        async with self._turn:
+        flight each starts no sooner than its predecessor's pause allows. Yields the
+        seconds spent waiting; raises TurnTimeout if the turn would take longer than
+        ``wait_at_most_s`` to come (the step never started)."""
+        arrived = self._clock()
+        try:
+            async with asyncio.timeout(wait_at_most_s):
+                await self._turn.acquire()
+        except TimeoutError:
+            raise TurnTimeout(f"the steps before this one outlasted {wait_at_most_s:g} s") from None
+        try:
             while self.generations > 0 and (wait := self._next_start - self._clock()) > 0:
+                if wait_at_most_s is not None and self._clock() + wait - arrived > wait_at_most_s:
+                    raise TurnTimeout(f"the pause before this step outlasts {wait_at_most_s:g} s")
                 self.paused_s += wait
                 await self._sleep(wait)
             started = self._clock()
             try:
-                yield
+                yield started - arrived
             finally:
                 ended = self._clock()
                 self._next_start = ended + (ended - started) * (1 - self.duty) / self.duty
+        finally:
+            self._turn.release()

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from livetrain.routes.pacing import StepPacer
+from livetrain.routes.pacing import StepPacer, TurnTimeout
 from livetrain.routes.schemas import (CheckpointBody, LogprobsBody, RequestLimits, RollbackBody, TrainBody,
                                       error_response, validation_error_response)
 from livetrain.worker import protocol
@@ -158,8 +158,13 @@ async def _queued_call(routes: TrainingRoutes, op: str, args: dict[str, Any], ti
             "rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after)}))
     routes.in_flight += 1
     try:
-        async with routes.pacer.turn() if paced else contextlib.nullcontext():
-            return await routes.worker.call(op, args, timeout_s=timeout_s, request_id=request_id)
+        async with routes.pacer.turn(timeout_s) if paced else contextlib.nullcontext(0.0) as waited_s:
+            return await routes.worker.call(op, args, timeout_s=timeout_s - waited_s, request_id=request_id)
+    except TurnTimeout:  # nothing was sent to the worker
+        raise _Refused(error_response(
+            504, f"training is paced while generation requests are in flight, and this step's turn did "
+                 f"not come within its timeout_s ({timeout_s:g} s); it did not run",
+            protocol.TIMEOUT, code="paced_timeout", headers={"X-Request-Id": request_id}))
     except WorkerError as exc:
         raise _Refused(_worker_error(exc, request_id))
     finally:
