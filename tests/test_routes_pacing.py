@@ -138,12 +138,18 @@ class StepWorker:
         return {"applied": True, "seconds": 1.0, "weights_version": self.version, "changed_tensors": []}
 
 
-def test_train_requests_are_paced_and_status_reports_it():
-    pacer, fake = paced(0.5)
+def routes_app(duty: float) -> tuple[FastAPI, StepPacer, FakeTime, StepWorker]:
+    """The training routes on an app, with a paced fake-time worker."""
+    pacer, fake = paced(duty)
     worker = StepWorker(fake)
     app = FastAPI()
     app.include_router(router)
     TrainingRoutes(worker, pacer=pacer).install(app.state)
+    return app, pacer, fake, worker
+
+
+def test_train_requests_are_paced_and_status_reports_it():
+    app, pacer, fake, worker = routes_app(0.5)
     example = {"examples": [{"context_ids": [1, 2, 3], "continuation_ids": [4, 5]}]}
     with TestClient(app) as http:
         pacer.generation_started()
@@ -158,11 +164,7 @@ def test_train_requests_are_paced_and_status_reports_it():
 
 
 def test_a_step_whose_turn_would_come_after_its_timeout_gets_504_and_never_runs():
-    pacer, fake = paced(0.25)
-    worker = StepWorker(fake)
-    app = FastAPI()
-    app.include_router(router)
-    TrainingRoutes(worker, pacer=pacer).install(app.state)
+    app, pacer, fake, worker = routes_app(0.25)
     example = {"context_ids": [1, 2, 3], "continuation_ids": [4, 5]}
     with TestClient(app) as http:
         pacer.generation_started()
