@@ -127,8 +127,8 @@ class LiveServer:
         return WorkerProcess.spawn(
             self.model_dir, optimizer=options.optimizer, train_modules=options.train_modules,
             lr=options.lr, sync_interval_s=options.sync_interval_s, nice=options.trainer_nice,
-            # Pinned to cores of its own (one thread each), or one thread beside vLLM's.
-            **({"threads": 1} if self.trainer_cores == self.vllm_cores else {"cpus": self.trainer_cores}),
+            # One thread per core of its own, or one thread on cores shared with vLLM.
+            cpus=self.trainer_cores, threads=1 if self.trainer_cores == self.vllm_cores else len(self.trainer_cores),
             max_probe_drift=options.max_probe_drift, shared_copy=self.shm_dir,
             runtime_dir=self.runtime_dir, log_path=self.log_dir / "worker.log", wait_for_go=wait_for_go)
 

@@ -26,7 +26,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["PrefixCacheSalt", "SALTED_PATHS", "salted_body", "served_salt"]
+__all__ = ["PrefixCacheSalt", "SALTED_PATHS", "is_generation_request", "salted_body", "served_salt"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -35,6 +35,13 @@ Send = Callable[[Message], Awaitable[None]]
 
 # vLLM's routes whose request body takes a `cache_salt`.
 SALTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"})
+
+
+def is_generation_request(scope: Scope) -> bool:
+    """A POST to one of vLLM's OpenAI- or Anthropic-compatible generation routes."""
+    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in SALTED_PATHS
+
+
 # vLLM refuses salts longer than this (and with '@', '/', '\\' or NUL; ours use none).
 _MAX_SALT_CHARS = 128
 
@@ -79,10 +86,7 @@ class PrefixCacheSalt:
         self.refreshes = refreshes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in SALTED_PATHS:
-            await self.app(scope, receive, send)
-            return
-        refreshes = self.refreshes(scope)
+        refreshes = self.refreshes(scope) if is_generation_request(scope) else None
         if not refreshes:
             await self.app(scope, receive, send)
             return

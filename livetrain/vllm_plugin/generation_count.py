@@ -10,9 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from livetrain.routes.pacing import StepPacer
-from livetrain.vllm_plugin.cache_salt import SALTED_PATHS, Receive, Scope, Send
-
-GENERATION_PATHS = SALTED_PATHS  # vLLM's OpenAI- and Anthropic-compatible generation routes
+from livetrain.vllm_plugin.cache_salt import Receive, Scope, Send, is_generation_request
 
 
 class GenerationCount:
@@ -25,9 +23,7 @@ class GenerationCount:
         self.pacer = pacer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pacer = None
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
-            pacer = self.pacer(scope)
+        pacer = self.pacer(scope) if is_generation_request(scope) else None
         if pacer is None:
             await self.app(scope, receive, send)
             return

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from argparse import Namespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.datastructures import State
@@ -59,18 +59,25 @@ def check_access_rule(host: str | None, settings: PluginSettings) -> None:
             "(LIVETRAIN_ADMIN_TOKEN_FILE when starting vLLM yourself)")
 
 
+SERVED_ATTRIBUTE = "livetrain_served"  # the `ServedModel` on vLLM's app state
+
+
+def _state_field(scope, attribute: str, name: str) -> Any:
+    """``app.state.<attribute>.<name>`` of the request's app (None before `init_state` set it up)."""
+    owner = getattr(scope["app"].state, attribute, None)
+    return None if owner is None else getattr(owner, name)
+
+
 def training_pacer(scope) -> "StepPacer | None":
-    """The training routes' `StepPacer` (None before the plugin's state is set up)."""
+    """The training routes' `StepPacer`."""
     from livetrain.routes import STATE_ATTRIBUTE
 
-    routes = getattr(scope["app"].state, STATE_ATTRIBUTE, None)
-    return None if routes is None else routes.pacer
+    return _state_field(scope, STATE_ATTRIBUTE, "pacer")
 
 
 def served_refreshes(scope) -> int | None:
-    """The refresh count of the app's `ServedModel` (None before the plugin's state is set up)."""
-    served = getattr(scope["app"].state, "livetrain_served", None)
-    return None if served is None else served.refreshes
+    """The refresh count of the app's `ServedModel`."""
+    return _state_field(scope, SERVED_ATTRIBUTE, "refreshes")
 
 
 class LivetrainEndpointPlugin:
@@ -111,7 +118,7 @@ class LivetrainEndpointPlugin:
                                "to the training worker's ipc:// address")
         served = ServedModel(engine_client, settings)
         await served.start()
-        state.livetrain_served = served
+        setattr(state, SERVED_ATTRIBUTE, served)
 
         async def refresh(changed_tensors: list[str], weights_version: int) -> None:
             await served.refresh(changed_tensors, weights_version)

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--sync-interval", type=float, default=600.0,
                         help="seconds after the last applied step before a checkpoint sync")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default with --cpus: one per core)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--cpus", type=parse_cpus, metavar="LIST",
                         help="run every thread on these cores only, e.g. 1 or 2-3 (livetrain serve gives the "
                              "trainer cores vLLM's OpenMP threads do not use)")
@@ -203,9 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.cpus:
         pin_to_cores(args.cpus)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s livetrain.worker %(message)s")
-    threads = args.threads or (len(args.cpus) if args.cpus else None)
-    if threads:
-        torch.set_num_threads(threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.wait_for_go:
         import transformers  # noqa: F401  (the slow import, done while waiting)
 
@@ -220,14 +219,19 @@ def lower_priority(by: int) -> None:
     """Lower the CPU priority of every thread of this process by ``by`` (Linux keeps a nice
     value per thread; threads started afterwards inherit their creator's)."""
     target = min(os.getpriority(os.PRIO_PROCESS, 0) + by, 19)
-    for task in os.listdir("/proc/self/task"):
-        os.setpriority(os.PRIO_PROCESS, int(task), target)
+    for thread in _own_threads():
+        os.setpriority(os.PRIO_PROCESS, thread, target)
 
 
 def pin_to_cores(cores: set[int]) -> None:
     """Run every thread of this process, and those started afterwards, on ``cores`` only."""
-    for task in os.listdir("/proc/self/task"):
-        os.sched_setaffinity(int(task), cores)
+    for thread in _own_threads():
+        os.sched_setaffinity(thread, cores)
+
+
+def _own_threads() -> list[int]:
+    """The Linux thread ids of this process's threads."""
+    return [int(task) for task in os.listdir("/proc/self/task")]
 
 
 def new_runtime_dir() -> Path:
@@ -269,15 +273,15 @@ class WorkerProcess:
               train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
               sync_interval_s: float = 600.0, threads: int | None = None, max_probe_drift: float = 0.5,
               shared_copy: str | os.PathLike | None = None, runtime_dir: str | os.PathLike | None = None,
-              nice: int = 0, cpus: Iterable[int] | None = None, env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
-              wait_for_go: bool = False) -> "WorkerProcess":
+              nice: int = 0, cpus: Iterable[int] | None = None, env: dict[str, str] | None = None,
+              log_path: str | os.PathLike | None = None, wait_for_go: bool = False) -> "WorkerProcess":
         """Start ``python -m livetrain.worker``; do not wait for it.
 
         ``runtime_dir``: a directory from :func:`new_runtime_dir` when the address must be
         known beforehand (vLLM's plugin is told it before the worker starts); it is
         removed by :meth:`stop`. ``shared_copy``: train the served weights (see
         ``--shared-copy``). ``nice``: how much lower the worker's CPU priority is (0-19).
-        ``cpus``: the cores every worker thread runs on (one torch thread each unless ``threads``).
+        ``cpus``: the cores every worker thread runs on.
         ``log_path``: append the worker's output there instead of inheriting this process's.
         ``wait_for_go``: the worker imports, then waits for :meth:`go` before it opens the
         weights (so its start-up overlaps vLLM's).
