@@ -243,3 +243,19 @@ def test_grad_scale_steps_as_if_the_gradients_were_scaled_and_leaves_them_unchan
         for a, b in zip(scaled + extra_scaled, folded + extra_folded):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
     assert not torch.equal(make_params()[0], folded[0])
+
+
+def test_gradient_norms_given_by_the_caller_replace_its_own_pass_over_the_gradients():
+    own, given, wrong = make_params(), make_params(), make_params()
+    optimizers = [apollo_mini(params) for params in (own, given, wrong)]
+    for step in range(3):
+        for params in (own, given, wrong):
+            set_gradients(params, step)
+        optimizers[0].step()
+        optimizers[1].step(grad_norms={p: torch.linalg.vector_norm(p.grad) for p in given})
+        # Norms 100 times too large look like a sudden growth of the update: the limiter acts.
+        factor = 100.0 if step == 2 else 1.0
+        optimizers[2].step(grad_norms={p: torch.linalg.vector_norm(p.grad) * factor for p in wrong})
+        for a, b in zip(own, given):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    assert not any(torch.allclose(a, c, rtol=1e-4, atol=0) for a, c in zip(own, wrong))

@@ -25,7 +25,7 @@ AdamW. See docs/optimizer.md for where this differs from the authors' code, and 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate, chain
 from typing import Any
 
@@ -119,7 +119,8 @@ class Apollo(Optimizer):
         super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None, grad_scale: float | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None, grad_scale: float | None = None,
+             grad_norms: Mapping[torch.Tensor, torch.Tensor] | None = None) -> float | None:
         """One update of every parameter that has a gradient. Never reads a tensor's value
         on the host, so it does not stall an accelerator.
 
@@ -127,6 +128,9 @@ class Apollo(Optimizer):
         gradients (how gradient clipping is applied: the factor goes onto the projected
         gradient, the norms and the scaling factors, which are small, instead of a pass
         over every gradient). None: 1.
+        grad_norms: the L2 norm (0-dim, float32) of parameters' gradients that the caller
+        has already taken (for clipping), by parameter; tensor-wise scaling uses them
+        instead of a pass over those gradients.
         """
         loss = None
         if closure is not None:
@@ -142,7 +146,7 @@ class Apollo(Optimizer):
                 self._adamw_step(group, params, grad_scale)
             else:
                 for batch in _batches(params, _BATCH_BYTES):
-                    self._apollo_step(group, batch, grad_scale)
+                    self._apollo_step(group, batch, grad_scale, grad_norms or {})
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -167,11 +171,12 @@ class Apollo(Optimizer):
         """The projection P (r, k) that `p`'s next step uses (after at least one step)."""
         state = self.state[p]
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        return self._projection(p, state["seed"], state["step"] + 1, group)
+        return self._projection(p, state["seed"], state["step"] + 1, group)[:effective_rank(p, group["rank"])]
 
     # --- APOLLO -----------------------------------------------------------------------
 
-    def _apollo_step(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float | None) -> None:
+    def _apollo_step(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float | None,
+                     known_norms: Mapping[torch.Tensor, torch.Tensor]) -> None:
         """One step of a batch of weights on one device. The small projected-space math
         runs on the batch's flat buffers: a few ops per batch, not per weight."""
         beta1, beta2 = group["betas"]
@@ -185,13 +190,17 @@ class Apollo(Optimizer):
         for i, (p, state) in enumerate(zip(params, states)):
             state["step"] += 1
             axis = projected_axis(p)
-            proj = self._projection(p, state["seed"], state["step"], group)  # (r, k)
+            proj = self._projection(p, state["seed"], state["step"], group)  # (r or 2, k)
             grad = p.grad.float()  # the gradient itself when it is fp32
             # (channels, r): R = G Pᵀ for m >= n; Rᵀ = Gᵀ Pᵀ for m < n.
-            torch.mm(grad if axis == 1 else grad.t(), proj.t(), out=layout.view(projected, i))
-            torch.linalg.vector_norm(
-                p.grad, dim=axis if channelwise else None, dtype=torch.float32,
-                out=grad_norms[layout.channels(i)] if channelwise else grad_norms[i])
+            _project(grad if axis == 1 else grad.t(), proj, out=layout.view(projected, i))
+            if channelwise:
+                torch.linalg.vector_norm(p.grad, dim=axis, dtype=torch.float32,
+                                         out=grad_norms[layout.channels(i)])
+            elif p in known_norms:
+                grad_norms[i] = known_norms[p]
+            else:
+                torch.linalg.vector_norm(p.grad, dtype=torch.float32, out=grad_norms[i])
         if grad_scale is not None:  # R and ‖G‖ of grad_scale · G
             projected.mul_(grad_scale)
             grad_norms.mul_(grad_scale)
@@ -250,13 +259,16 @@ class Apollo(Optimizer):
 
     def _projection(self, p: torch.Tensor, seed: int, step: int,
                     group: dict[str, Any]) -> torch.Tensor:
-        """P (r, k) for `step` (counted from 1), regenerated at each refresh."""
+        """P (r, k) for `step` (counted from 1), regenerated at each refresh; at r = 1,
+        [P; 0] (2, k), the operand `_project` multiplies by."""
         refresh = (step - 1) // group["update_proj_gap"]
         cached = self._projections.get(p)
         if cached is None or cached[0] != refresh:
             rank = effective_rank(p, group["rank"])
-            cached = (refresh, self._generate_projection(p, mix_seed(seed, _PROJECTION_STREAM,
-                                                                       refresh), rank))
+            proj = self._generate_projection(p, mix_seed(seed, _PROJECTION_STREAM, refresh), rank)
+            if rank == 1:
+                proj = torch.cat([proj, torch.zeros_like(proj)])
+            cached = (refresh, proj)
             self._projections[p] = cached
         return cached[1]
 
@@ -328,6 +340,22 @@ class Apollo(Optimizer):
             copy_stochastic_(p, weights, generator)
         else:
             p.copy_(weights)
+
+
+def _project(gradient: torch.Tensor, operand: torch.Tensor, out: torch.Tensor) -> None:
+    """out (c, r) = gradient (c, k) · Pᵀ (k, r), where `operand` is `Apollo._projection`'s
+    P (r, k), or [P; 0] (2, k) at r = 1.
+
+    At r = 1 with a row-major gradient (R = G Pᵀ) the product is a matrix-vector product,
+    which MKL runs about 3x slower than the same product with a zero column more: with
+    [P; 0] it keeps the first column of that. A transposed gradient (Rᵀ = Gᵀ Pᵀ) is fast
+    as a matrix-vector product and 8x slower padded (docs/benchmarks.md).
+    """
+    rank = out.shape[1]
+    if operand.shape[0] != rank and gradient.is_contiguous():
+        out.copy_(torch.mm(gradient, operand.t())[:, :rank])
+    else:
+        torch.mm(gradient, operand[:rank].t(), out=out)
 
 
 def _segment_norms(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -154,11 +154,11 @@ def _trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
-def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all `tensors` together (float32, on their device)."""
-    if not tensors:
+def _combined_norm(norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of several tensors together, from their own L2 norms (0-dim each)."""
+    if not norms:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)))
+    return torch.linalg.vector_norm(torch.stack(list(norms)))
 
 
 def _example_loss(model, ex: Example, options: StepOptions, device, cache,
@@ -232,8 +232,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     if not math.isfinite(total_loss):
         return refuse(float("nan"), float("nan"), "non-finite loss")
 
-    grads = [p.grad for p in params if p.grad is not None]
-    grad_norm = _total_norm(grads).item()
+    stepped = [p for p in params if p.grad is not None]
+    grad_norms = torch._foreach_norm([p.grad for p in stepped], 2, dtype=torch.float32)
+    grad_norm = _combined_norm(grad_norms).item()
     if not math.isfinite(grad_norm):
         return refuse(total_loss, grad_norm, "non-finite gradient")
     if options.dry_run:
@@ -242,7 +243,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     if options.max_grad_norm is not None and grad_norm > options.max_grad_norm:
         clip = options.max_grad_norm / (grad_norm + 1e-6)
 
-    update_norm = _apply(optimizer, params, options, before, clip)
+    update_norm = _apply(optimizer, params, options, before, clip, dict(zip(stepped, grad_norms)))
     if update_norm is not None and not math.isfinite(update_norm):
         return refuse(total_loss, grad_norm, "non-finite update (weights restored)")
     optimizer.zero_grad(set_to_none=True)
@@ -254,11 +255,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
 
 @torch.no_grad()
 def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options: StepOptions,
-           before: Sequence[torch.Tensor] | None, clip: float | None) -> float | None:
+           before: Sequence[torch.Tensor] | None, clip: float | None,
+           grad_norms: dict[torch.Tensor, torch.Tensor]) -> float | None:
     """optimizer.step() at the step's lr on the gradients times ``clip`` (None: as they
     are); returns the update's L2 norm if measured (always when the caller passed its
-    pre-step copies as ``before``). `Apollo` takes the factor into its step; other
-    optimizers get the gradients rescaled first.
+    pre-step copies as ``before``). `Apollo` takes the factor and the gradients' norms
+    (by parameter, before clipping) into its step; other optimizers get the gradients
+    rescaled first.
 
     A non-finite update is undone (weights restored bit for bit); an update over
     max_update_norm is scaled down to it.
@@ -276,7 +279,7 @@ def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options
         before = [p.detach().clone() for p in stepped]
     try:
         if isinstance(optimizer, Apollo):
-            optimizer.step(grad_scale=clip)
+            optimizer.step(grad_scale=clip, grad_norms=grad_norms)
         else:
             if clip is not None:
                 torch._foreach_mul_([p.grad for p in stepped], clip)
@@ -298,7 +301,7 @@ def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options
     norms = []
     for now, then in chunks():
         norms += torch._foreach_norm(torch._foreach_sub(now, then), 2, dtype=torch.float32)
-    update_norm = _total_norm(norms).item()  # the one host sync
+    update_norm = _combined_norm(norms).item()  # the one host sync
     if not math.isfinite(update_norm):
         for now, then in chunks():
             torch._foreach_copy_(now, then)
