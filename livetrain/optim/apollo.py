@@ -259,14 +259,14 @@ class Apollo(Optimizer):
 
     def _projection(self, p: torch.Tensor, seed: int, step: int,
                     group: dict[str, Any]) -> torch.Tensor:
-        """P (r, k) for `step` (counted from 1), regenerated at each refresh; at r = 1,
-        [P; 0] (2, k), the operand `_project` multiplies by."""
+        """P (r, k) for `step` (counted from 1), regenerated at each refresh; at r = 1 for a
+        weight with m >= n, [P; 0] (2, k), the operand `_project` multiplies by."""
         refresh = (step - 1) // group["update_proj_gap"]
         cached = self._projections.get(p)
         if cached is None or cached[0] != refresh:
             rank = effective_rank(p, group["rank"])
             proj = self._generate_projection(p, mix_seed(seed, _PROJECTION_STREAM, refresh), rank)
-            if rank == 1:
+            if rank == 1 and projected_axis(p) == 1:
                 proj = torch.cat([proj, torch.zeros_like(proj)])
             cached = (refresh, proj)
             self._projections[p] = cached
@@ -344,12 +344,12 @@ class Apollo(Optimizer):
 
 def _project(gradient: torch.Tensor, operand: torch.Tensor, out: torch.Tensor) -> None:
     """out (c, r) = gradient (c, k) · Pᵀ (k, r), where `operand` is `Apollo._projection`'s
-    P (r, k), or [P; 0] (2, k) at r = 1.
+    P (r, k), or [P; 0] (2, k) at r = 1 when m >= n.
 
     At r = 1 with a row-major gradient (R = G Pᵀ) the product is a matrix-vector product,
     which MKL runs about 3x slower than the same product with a zero column more: with
     [P; 0] it keeps the first column of that. A transposed gradient (Rᵀ = Gᵀ Pᵀ) is fast
-    as a matrix-vector product and 8x slower padded (docs/benchmarks.md).
+    as a matrix-vector product and 8x slower padded (docs/optimizer.md).
     """
     rank = out.shape[1]
     if operand.shape[0] != rank and gradient.is_contiguous():
