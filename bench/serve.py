@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import add_model_argument, fresh_model_copy  # noqa: E402
-from livetrain.cpus import format_cpus, parse_cpus  # noqa: E402
+from livetrain.cpus import parse_cpus  # noqa: E402
 from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
 from livetrain.vllm_plugin.launcher import ENTRY_MODULE, log_tail, stop_vllm  # noqa: E402
 
@@ -219,8 +219,8 @@ def livetrain_serve(model_dir: Path, port: int, runs: int, steps: int, trainer_c
     try:
         startup = server.start()
         base = server.base_url
-        result = {"startup_s": startup, **throughput(base, runs), "vllm_cores": format_cpus(server.vllm_cores),
-                  "trainer_cores": format_cpus(server.trainer_cores)}
+        result = {"startup_s": startup, **throughput(base, runs), "cores": server.cores.describe(),
+                  "vllm_omp_cores": omp_cores(server.log_dir / "vllm.log")}
         result.update(while_training(base, runs))
         result.update(visibility(base, steps))
     finally:
@@ -264,8 +264,8 @@ def main() -> None:
           f"({live['seen_by_next_request']} seen by the next request); target p95 ≤ 500 ms")
     print(f"training steps/s (64-token context, 16-token continuation), while one stream is served: "
           f"{live['train_steps_s_while_serving']:.2f}, alone: {live['train_steps_s_alone']:.2f}")
-    print(f"cores: plain vLLM {plain['omp_cores']}; livetrain serve: vLLM {live['vllm_cores']}, "
-          f"trainer {live['trainer_cores']}")
+    print(f"OpenMP cores: plain vLLM {plain['omp_cores']}; livetrain serve's vLLM {live['vllm_omp_cores']} "
+          f"({live['cores']})")
     print(f"optimizer state on disk: {live['optimizer_state_bytes'] / 2**20:.2f} MiB")
     out = REPO / "bench" / "results" / "serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sync_interval_s=args.sync_interval, optimizer=args.optimizer, lr=args.lr,
         cpu_mode=args.cpu_mode, consistent_updates=args.consistent_updates,
         kv_cache_gib=args.kv_cache_gib, trainer_cores=args.trainer_cores, trainer_duty=args.trainer_duty,
-        trainer_nice=args.trainer_nice,
         max_probe_drift=args.max_probe_drift, vllm_args=args.vllm_args,
         **({"train_modules": args.train_modules} if args.train_modules else {}))
     return serve(options)
@@ -250,17 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-gib", type=float, default=1.0,
                        help="vLLM's CPU KV cache in GiB (default: 1; vLLM's own default is 0.9 x RAM)")
     serve.add_argument("--trainer-cores", type=int, default=0, metavar="N",
-                       help="0 (default): vLLM's OpenMP threads use every core and the training worker runs "
-                            "one thread beside them; N: the training worker gets the last N cores to itself "
-                            "(one thread each) and vLLM the others (a stream keeps more of its speed while "
-                            "/train runs; see docs/benchmarks.md for the trade-off)")
+                       help="0 (default): vLLM binds its threads as it would alone and the training worker "
+                            "runs one thread on the cycles vLLM leaves idle (SCHED_IDLE), so serving keeps "
+                            "plain vLLM's speed; N: the training worker gets the last N cores to itself (one "
+                            "thread each, normal priority) and vLLM's threads the others (see "
+                            "docs/benchmarks.md for the trade-off)")
     serve.add_argument("--trainer-duty", type=duty_fraction, default=0.5, metavar="F",
                        help="while generation requests are in flight, training steps keep the trainer busy "
                             "at most this fraction of the time (a step of t seconds is followed by a pause "
                             "of t*(1-F)/F); inference first (default: 0.5; 1: steps back to back)")
-    serve.add_argument("--trainer-nice", type=int, default=10, choices=range(20), metavar="0-19",
-                       help="run the training worker at this lower CPU priority, so inference keeps its "
-                            "speed while a step runs on a busy machine (default: 10; 0: same as vLLM)")
     serve.add_argument("--max-probe-drift", type=float, default=0.5, metavar="NATS",
                        help="undo a step that moves a fixed probe text's mean log-prob by more than "
                             "this (default: 0.5; 0 turns the check off)")

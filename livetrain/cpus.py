@@ -1,14 +1,17 @@
 """CPU cores: the list syntax, and how `livetrain serve` shares the cores between vLLM and the trainer.
 
-vLLM's CPU worker binds one OpenMP thread to each core it is given. By default
-`livetrain serve` gives vLLM every core and runs the trainer's one thread beside it
-(at a lower priority); with ``trainer_cores`` N > 0 the trainer gets the last N cores to
-itself and vLLM's OpenMP threads the others (docs/benchmarks.md measures both).
+By default vLLM binds its OpenMP threads exactly as it would alone (its automatic
+binding) and the trainer runs one thread on any core under ``SCHED_IDLE``: it gets a
+core only when vLLM's threads leave one free, so serving keeps the speed of plain vLLM
+and training uses the idle time. With ``trainer_cores`` N > 0 the trainer gets the last
+N cores to itself at normal priority and vLLM's OpenMP threads the others
+(docs/benchmarks.md measures both).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Iterable
 
 
@@ -30,19 +33,44 @@ def format_cpus(cores: Iterable[int]) -> str:
     return ",".join(str(core) for core in sorted(cores))
 
 
-def split_cores(trainer_cores: int, available: Iterable[int] | None = None) -> tuple[set[int], set[int]]:
-    """``(vLLM's cores, the trainer's cores)`` out of ``available`` (default: this process's).
+@dataclass(frozen=True)
+class CoreLayout:
+    """Where vLLM's OpenMP threads and the training worker's threads run.
 
-    ``trainer_cores`` 0: both get every core (shared). N > 0: the trainer takes the last N
-    cores and vLLM the rest; with one core available both share it. Raises CoreSplitError
-    when the split would leave vLLM no core.
+    ``vllm_cores`` None: vLLM's own binding. ``trainer_cores`` None: any core.
+    ``trainer_idle``: the trainer's threads are scheduled only when a core would
+    otherwise be idle (Linux ``SCHED_IDLE``).
+    """
+
+    vllm_cores: frozenset[int] | None
+    trainer_cores: frozenset[int] | None
+    trainer_threads: int
+    trainer_idle: bool
+
+    def describe(self) -> str:
+        """One line for `livetrain serve`'s start-up message."""
+        vllm = "its own binding" if self.vllm_cores is None else f"cores {format_cpus(self.vllm_cores)}"
+        if self.trainer_idle:
+            trainer = f"{self.trainer_threads} thread on idle cycles of any core"
+        else:
+            trainer = f"{self.trainer_threads} thread(s) on cores {format_cpus(self.trainer_cores or ())}"
+        return f"vLLM on {vllm}; trainer {trainer}"
+
+
+def core_layout(trainer_cores: int, available: Iterable[int] | None = None) -> CoreLayout:
+    """The layout for ``trainer_cores`` out of ``available`` (default: this process's cores).
+
+    0, or a single core available: vLLM's own binding and one idle-priority trainer thread
+    on any core. N > 0: the trainer takes the last N cores (N threads, normal priority) and
+    vLLM the rest. Raises CoreSplitError when that would leave vLLM no core.
     """
     cores = sorted(os.sched_getaffinity(0) if available is None else available)
     if trainer_cores < 0:
         raise CoreSplitError(f"the number of trainer cores cannot be negative ({trainer_cores})")
     if trainer_cores == 0 or len(cores) == 1:
-        return set(cores), set(cores)
+        return CoreLayout(vllm_cores=None, trainer_cores=None, trainer_threads=1, trainer_idle=True)
     if trainer_cores >= len(cores):
         raise CoreSplitError(f"{trainer_cores} trainer cores leave vLLM none of the {len(cores)} cores "
                              f"available ({format_cpus(cores)})")
-    return set(cores[:-trainer_cores]), set(cores[-trainer_cores:])
+    return CoreLayout(vllm_cores=frozenset(cores[:-trainer_cores]), trainer_cores=frozenset(cores[-trainer_cores:]),
+                      trainer_threads=trainer_cores, trainer_idle=False)

@@ -5,8 +5,8 @@ Start-up order: vLLM and the training worker's imports side by side; once vLLM i
 to go, maps that copy and owns the directory. On
 stop the worker syncs the checkpoint before the shared copy is removed, so nothing
 applied is lost. CPU resources are set explicitly: vLLM's KV cache (its default is
-0.9 x RAM) and the cores (`livetrain.cpus`): by default vLLM's OpenMP threads take every
-core and the trainer runs one thread beside them at a lower priority; ``trainer_cores``
+0.9 x RAM) and the cores (`livetrain.cpus`): by default vLLM binds its threads as it would
+alone and the trainer runs one thread on the cycles vLLM leaves idle; ``trainer_cores``
 N > 0 gives the trainer the last N cores to itself instead.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from livetrain.cpus import format_cpus, split_cores
+from livetrain.cpus import core_layout, format_cpus
 from livetrain.vllm_plugin.launcher import VllmLaunch, check_supported, start_vllm, stop_vllm, wait_until_ready
 from livetrain.vllm_plugin.plugins import check_access_rule
 from livetrain.vllm_plugin.settings import PluginSettings
@@ -52,7 +52,6 @@ class ServeOptions:
     consistent_updates: bool = False
     kv_cache_gib: float = 1.0
     trainer_cores: int = 0
-    trainer_nice: int = 10
     trainer_duty: float = 0.5
     max_probe_drift: float = 0.5
     max_worker_restarts: int = 5
@@ -76,7 +75,7 @@ class LiveServer:
         self.vllm: subprocess.Popen | None = None
         self.worker: WorkerProcess | None = None
         self.worker_restarts = 0
-        self.vllm_cores, self.trainer_cores = split_cores(options.trainer_cores)
+        self.cores = core_layout(options.trainer_cores)
         self._stop: dict[str, int | None] | None = None  # the signal state while handlers are installed
 
     @property
@@ -103,11 +102,12 @@ class LiveServer:
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.launch = VllmLaunch(self.model_dir, settings, host=options.host, port=options.port,
-                                 kv_cache_gib=options.kv_cache_gib, cpus=format_cpus(self.vllm_cores),
+                                 kv_cache_gib=options.kv_cache_gib,
+                                 cpus=None if self.cores.vllm_cores is None else format_cpus(self.cores.vllm_cores),
                                  extra_args=tuple(options.vllm_args))
         vllm_log = self.log_dir / "vllm.log"
-        self.say(f"starting vLLM on {self.base_url} (cores {format_cpus(self.vllm_cores)}; log: {vllm_log}) "
-                 f"and the training worker beside it (cores {format_cpus(self.trainer_cores)})")
+        self.say(f"starting vLLM on {self.base_url} (log: {vllm_log}) and the training worker beside it "
+                 f"({self.cores.describe()})")
         # The worker imports while vLLM starts, and opens the weights once vLLM has exported them.
         self.worker = self._spawn_worker(wait_for_go=True)
         self.vllm = start_vllm(self.launch, vllm_log)
@@ -126,9 +126,8 @@ class LiveServer:
         options = self.options
         return WorkerProcess.spawn(
             self.model_dir, optimizer=options.optimizer, train_modules=options.train_modules,
-            lr=options.lr, sync_interval_s=options.sync_interval_s, nice=options.trainer_nice,
-            # One thread per core of its own, or one thread on cores shared with vLLM.
-            cpus=self.trainer_cores, threads=1 if self.trainer_cores == self.vllm_cores else len(self.trainer_cores),
+            lr=options.lr, sync_interval_s=options.sync_interval_s, idle=self.cores.trainer_idle,
+            cpus=self.cores.trainer_cores, threads=self.cores.trainer_threads,
             max_probe_drift=options.max_probe_drift, shared_copy=self.shm_dir,
             runtime_dir=self.runtime_dir, log_path=self.log_dir / "worker.log", wait_for_go=wait_for_go)
 

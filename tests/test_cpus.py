@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from livetrain.cpus import CoreSplitError, format_cpus, parse_cpus, split_cores
+from livetrain.cpus import CoreLayout, CoreSplitError, core_layout, format_cpus, parse_cpus
 
 
 def test_core_lists_parse_and_format():
@@ -14,16 +14,23 @@ def test_core_lists_parse_and_format():
     assert parse_cpus(format_cpus({1, 4, 7})) == {1, 4, 7}
 
 
-def test_the_trainer_takes_the_last_cores_and_vllm_the_others():
-    assert split_cores(1, [0, 1]) == ({0}, {1})
-    assert split_cores(2, [3, 0, 1, 2]) == ({0, 1}, {2, 3})
-    assert split_cores(1, [2, 5, 7]) == ({2, 5}, {7})  # the cores this process may use, not 0..n-1
+def test_trainer_cores_give_the_trainer_the_last_cores_at_normal_priority_and_vllm_the_others():
+    assert core_layout(1, [0, 1]) == CoreLayout(frozenset({0}), frozenset({1}), trainer_threads=1, trainer_idle=False)
+    assert core_layout(2, [3, 0, 1, 2]) == CoreLayout(frozenset({0, 1}), frozenset({2, 3}), 2, False)
+    # The cores this process may use, not 0..n-1.
+    assert core_layout(1, [2, 5, 7]) == CoreLayout(frozenset({2, 5}), frozenset({7}), 1, False)
+    assert core_layout(1, [0, 1]).describe() == "vLLM on cores 0; trainer 1 thread(s) on cores 1"
 
 
-def test_no_trainer_cores_or_one_core_means_shared_and_leaving_vllm_nothing_is_refused():
-    assert split_cores(0, [0, 1]) == ({0, 1}, {0, 1})
-    assert split_cores(1, [4]) == ({4}, {4})
+def test_by_default_or_on_one_core_vllm_binds_itself_and_the_trainer_takes_idle_cycles():
+    idle = CoreLayout(vllm_cores=None, trainer_cores=None, trainer_threads=1, trainer_idle=True)
+    assert core_layout(0, [0, 1]) == idle
+    assert core_layout(1, [4]) == idle
+    assert core_layout(0, [0, 1]).describe() == "vLLM on its own binding; trainer 1 thread on idle cycles of any core"
+
+
+def test_leaving_vllm_no_core_or_a_negative_count_is_refused():
     with pytest.raises(CoreSplitError, match="leave vLLM none of the 2 cores"):
-        split_cores(2, [0, 1])
+        core_layout(2, [0, 1])
     with pytest.raises(CoreSplitError, match="negative"):
-        split_cores(-1, [0, 1])
+        core_layout(-1, [0, 1])

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+from pathlib import Path
 
+import psutil
 import pytest
 from openai import OpenAI
 
@@ -66,6 +69,13 @@ def test_the_openai_client_works_unchanged_with_the_plugin_loaded(client):
     assert len(several.choices) == 2
     stopped = ask(client, stop=["Paris"])
     assert "Paris" not in stopped
+
+
+def test_by_default_vllm_keeps_its_own_binding_and_the_trainer_runs_on_idle_cycles(server):
+    # No binding set for vLLM (it binds as it would alone); every worker thread under SCHED_IDLE.
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in psutil.Process(server.vllm.pid).environ()
+    tasks = list(Path(f"/proc/{server.worker.popen.pid}/task").iterdir())
+    assert len(tasks) > 1 and {os.sched_getscheduler(int(task.name)) for task in tasks} == {os.SCHED_IDLE}
 
 
 def test_dry_run_teach_changes_nothing_and_teach_makes_the_taught_answer_greedy(

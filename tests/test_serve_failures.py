@@ -135,9 +135,10 @@ def test_worker_and_vllm_deaths(tmp_path, tokenizer_dir, monkeypatch, killed_vll
         assert call(base, "GET", "/train/status")[0] == 503
         assert server.check() is None  # restarts the worker
         # On its own core (--trainer-cores 1), as the first one was; vLLM's OpenMP threads on the others.
-        assert os.sched_getaffinity(server.worker.popen.pid) == server.trainer_cores
-        assert parse_cpus(psutil.Process(server.vllm.pid).environ()["VLLM_CPU_OMP_THREADS_BIND"]) == server.vllm_cores
-        assert len(os.sched_getaffinity(0)) == 1 or not server.vllm_cores & server.trainer_cores
+        assert os.sched_getaffinity(server.worker.popen.pid) == server.cores.trainer_cores
+        assert os.sched_getscheduler(server.worker.popen.pid) == os.SCHED_OTHER
+        vllm_cores = parse_cpus(psutil.Process(server.vllm.pid).environ()["VLLM_CPU_OMP_THREADS_BIND"])
+        assert vllm_cores == server.cores.vllm_cores and not vllm_cores & server.cores.trainer_cores
         status, body, _ = call(base, "POST", "/train", train_body(3))
         back_after = time.monotonic() - killed_at
         assert status == 200 and body["applied"], body

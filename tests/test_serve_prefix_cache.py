@@ -94,10 +94,10 @@ def test_a_step_during_a_request_keeps_it_running_and_new_requests_off_stale_blo
     from tests.vllm_layouts import write_vllm_tiny_model
 
     model_dir = write_vllm_tiny_model(tmp_path / "model", "llama", tokenizer_dir)
-    # The trainer at vLLM's priority: at the default lower one, a step waits while the long
-    # request keeps both cores busy, and lands only after it.
+    # The trainer on a core of its own: by default it runs on idle cycles only, so a step
+    # could wait while the long request keeps the cores busy, and land only after it.
     server = LiveServer(ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0,
-                                     trainer_nice=0, vllm_args=("--enforce-eager", "--max-model-len", "2048")),
+                                     trainer_cores=1, vllm_args=("--enforce-eager", "--max-model-len", "2048")),
                         say=lambda _: None)
     server.start()
     base, model = server.base_url, str(model_dir)

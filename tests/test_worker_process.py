@@ -131,18 +131,18 @@ def worker(tmp_path_factory, tokenizer_dir):
     from tests.session_helpers import tiny_dir
 
     model_dir = tiny_dir(tmp_path_factory.mktemp("worker") / "model", tokenizer_dir)
-    process = WorkerProcess.start(model_dir, threads=2, sync_interval_s=3600, nice=3, cpus=LAST_CORE)
+    process = WorkerProcess.start(model_dir, threads=2, sync_interval_s=3600, idle=True, cpus=LAST_CORE)
     yield process, model_dir
     process.stop()
 
 
-def test_every_thread_of_the_worker_runs_at_the_lower_priority_on_its_cores(worker):
+def test_every_thread_of_the_worker_runs_on_idle_cycles_of_its_cores(worker):
     process, _ = worker
     process.request("train", {"examples": [wire(example(0))]})  # every thread pool has started
-    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # not inherited from this process
     tasks = list(Path(f"/proc/{process.popen.pid}/task").iterdir())
     assert len(tasks) > 2
-    assert {os.getpriority(os.PRIO_PROCESS, int(task.name)) for task in tasks} == {min(own + 3, 19)}
+    assert {os.sched_getscheduler(int(task.name)) for task in tasks} == {os.SCHED_IDLE}
     assert all(os.sched_getaffinity(int(task.name)) == LAST_CORE for task in tasks)
 
 

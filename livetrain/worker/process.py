@@ -191,15 +191,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared-copy", type=Path,
                         help="train the served weights: a directory whose manifest.json holds their layout "
                              "and handles (livetrain.weights); default: load the model directory")
-    parser.add_argument("--nice", type=int, default=0,
-                        help="lower this process's CPU priority by this much (0-19) before any thread starts")
+    parser.add_argument("--idle", action="store_true",
+                        help="run every thread under SCHED_IDLE: only on cycles no other thread wants "
+                             "(livetrain serve's default, beside vLLM's threads)")
     parser.add_argument("--wait-for-go", action="store_true",
                         help="import everything, then wait for a line on standard input before opening the "
                              "weights (livetrain serve starts the worker beside vLLM and says go once vLLM has "
                              "exported them); end of input exits")
     args = parser.parse_args(argv)
-    if args.nice:
-        lower_priority(args.nice)
+    if args.idle:
+        schedule_when_idle()
     if args.cpus:
         pin_to_cores(args.cpus)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s livetrain.worker %(message)s")
@@ -215,12 +216,11 @@ def main(argv: list[str] | None = None) -> None:
                max_probe_drift=args.max_probe_drift or None, shared_copy=args.shared_copy)
 
 
-def lower_priority(by: int) -> None:
-    """Lower the CPU priority of every thread of this process by ``by`` (Linux keeps a nice
-    value per thread; threads started afterwards inherit their creator's)."""
-    target = min(os.getpriority(os.PRIO_PROCESS, 0) + by, 19)
+def schedule_when_idle() -> None:
+    """Put every thread of this process under Linux's ``SCHED_IDLE`` policy: it runs only
+    when a core has nothing else to run (threads started afterwards inherit their creator's)."""
     for thread in _own_threads():
-        os.setpriority(os.PRIO_PROCESS, thread, target)
+        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
 
 
 def pin_to_cores(cores: set[int]) -> None:
@@ -273,15 +273,15 @@ class WorkerProcess:
               train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
               sync_interval_s: float = 600.0, threads: int | None = None, max_probe_drift: float = 0.5,
               shared_copy: str | os.PathLike | None = None, runtime_dir: str | os.PathLike | None = None,
-              nice: int = 0, cpus: Iterable[int] | None = None, env: dict[str, str] | None = None,
+              idle: bool = False, cpus: Iterable[int] | None = None, env: dict[str, str] | None = None,
               log_path: str | os.PathLike | None = None, wait_for_go: bool = False) -> "WorkerProcess":
         """Start ``python -m livetrain.worker``; do not wait for it.
 
         ``runtime_dir``: a directory from :func:`new_runtime_dir` when the address must be
         known beforehand (vLLM's plugin is told it before the worker starts); it is
         removed by :meth:`stop`. ``shared_copy``: train the served weights (see
-        ``--shared-copy``). ``nice``: how much lower the worker's CPU priority is (0-19).
-        ``cpus``: the cores every worker thread runs on.
+        ``--shared-copy``). ``idle``: every worker thread runs under ``SCHED_IDLE``.
+        ``cpus``: the cores every worker thread runs on (default: any).
         ``log_path``: append the worker's output there instead of inheriting this process's.
         ``wait_for_go``: the worker imports, then waits for :meth:`go` before it opens the
         weights (so its start-up overlaps vLLM's).
@@ -298,8 +298,8 @@ class WorkerProcess:
             command += ["--threads", str(threads)]
         if shared_copy is not None:
             command += ["--shared-copy", str(shared_copy)]
-        if nice:
-            command += ["--nice", str(nice)]
+        if idle:
+            command.append("--idle")
         if cpus is not None:
             command += ["--cpus", format_cpus(cpus)]
         if wait_for_go:
