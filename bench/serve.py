@@ -73,17 +73,22 @@ def pss_bytes(pids: list[int]) -> int:
 
 
 class PeakMemory:
-    """Samples the summed PSS of the process trees under `roots()` until stopped."""
+    """Samples the summed PSS of the process trees under `roots()` (pids; None: not started
+    yet) until stopped; also keeps when the peak came (seconds after start) and each
+    tree's share of it."""
 
     def __init__(self, roots) -> None:
         self.roots, self.peak, self._stop = roots, 0, threading.Event()
+        self.peak_at_s, self.peak_by_tree, self._started = 0.0, [], time.monotonic()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pids = [pid for root in self.roots() for pid in process_tree(root)]
-            self.peak = max(self.peak, pss_bytes(pids))
+            by_tree = [pss_bytes(process_tree(root)) if root else 0 for root in self.roots()]
+            if sum(by_tree) > self.peak:
+                self.peak, self.peak_by_tree = sum(by_tree), by_tree
+                self.peak_at_s = time.monotonic() - self._started
             self._stop.wait(0.25)
 
     def stop(self) -> int:
@@ -215,7 +220,7 @@ def omp_cores(log: Path) -> str:
 def livetrain_serve(model_dir: Path, port: int, runs: int, steps: int, trainer_cores: int) -> dict:
     server = LiveServer(ServeOptions(model_dir=model_dir, port=port, vllm_args=VLLM_ARGS,
                                      trainer_cores=trainer_cores, max_probe_drift=0), say=lambda line: None)
-    memory = PeakMemory(lambda: [p.pid for p in (server.vllm, server.worker and server.worker.popen) if p])
+    memory = PeakMemory(lambda: [p and p.pid for p in (server.vllm, server.worker and server.worker.popen)])
     try:
         startup = server.start()
         base = server.base_url
@@ -225,6 +230,8 @@ def livetrain_serve(model_dir: Path, port: int, runs: int, steps: int, trainer_c
         result.update(visibility(base, steps))
     finally:
         result["peak_pss_bytes"] = memory.stop()
+        result["peak_at_s"], result["peak_pss_by_process"] = memory.peak_at_s, dict(
+            zip(("vllm", "worker"), memory.peak_by_tree))
         server.stop()
     state = model_dir / ".livetrain" / "optimizer.pt"
     result["optimizer_state_bytes"] = state.stat().st_size if state.exists() else 0
@@ -267,6 +274,8 @@ def main() -> None:
     print(f"OpenMP cores: plain vLLM {plain['omp_cores']}; livetrain serve's vLLM {live['vllm_omp_cores']} "
           f"({live['cores']})")
     print(f"optimizer state on disk: {live['optimizer_state_bytes'] / 2**20:.2f} MiB")
+    print(f"livetrain's memory peak {live['peak_at_s']:.0f} s after start: " + ", ".join(
+        f"{name} {size / 2**20:.0f} MiB" for name, size in live["peak_pss_by_process"].items()))
     out = REPO / "bench" / "results" / "serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"plain_vllm": plain, "livetrain_serve": live, "vllm_args": VLLM_ARGS,

@@ -53,8 +53,10 @@ def test_environment_appends_livetrain_to_vllm_plugins_and_sets_cpu_resources(tm
     # Unset meant "all general plugins": the allow-list keeps every installed one.
     own_binding = vllm_env(VllmLaunch(tmp_path, settings), base={})
     assert "livetrain" in own_binding["VLLM_PLUGINS"].split(",")
-    # No cores named: vLLM binds its threads as it would alone.
+    # No cores named: vLLM binds its threads as it would alone, or as the user told it to.
     assert "VLLM_CPU_OMP_THREADS_BIND" not in own_binding and "OMP_NUM_THREADS" not in own_binding
+    users_binding = vllm_env(VllmLaunch(tmp_path, settings), base={"VLLM_CPU_OMP_THREADS_BIND": "0-1"})
+    assert users_binding["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
 
 
 def test_training_routes_are_loopback_only_without_an_admin_token(tmp_path):
