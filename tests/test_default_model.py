@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -47,7 +48,15 @@ def test_directory_reloads_with_same_greedy_output_as_gguf(gguf_model, tmp_path,
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     gguf, gguf_tokenizer = gguf_model
-    reference = greedy_answers(gguf.to(dtype), gguf_tokenizer)
+    # The reference in `dtype` as loading in `dtype` makes it: parameters cast, buffers (the
+    # rotary frequencies) left in float32 (`Module.to` would round those to bf16 as well).
+    reference_model = copy.deepcopy(gguf)
+    for parameter in reference_model.parameters():
+        parameter.data = parameter.data.to(dtype)
+    reloaded_weights = reloaded.state_dict()
+    assert all(torch.equal(tensor, reloaded_weights[name])
+               for name, tensor in reference_model.state_dict().items())
+    reference = greedy_answers(reference_model, gguf_tokenizer)
     assert greedy_answers(reloaded, tokenizer) == reference
     assert "Paris" in reference[0]
 
