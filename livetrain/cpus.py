@@ -37,15 +37,21 @@ def format_cpus(cores: Iterable[int]) -> str:
 class CoreLayout:
     """Where vLLM's OpenMP threads and the training worker's threads run.
 
-    ``vllm_cores`` None: vLLM's own binding. ``trainer_cores`` None: any core.
-    ``trainer_idle``: the trainer's threads are scheduled only when a core would
-    otherwise be idle (Linux ``SCHED_IDLE``).
+    ``vllm_cores`` None: vLLM's own binding. ``trainer_cores`` None: one trainer thread on
+    any core, scheduled only when a core would otherwise be idle (Linux ``SCHED_IDLE``);
+    otherwise one thread per core of its own, at normal priority.
     """
 
     vllm_cores: frozenset[int] | None
     trainer_cores: frozenset[int] | None
-    trainer_threads: int
-    trainer_idle: bool
+
+    @property
+    def trainer_idle(self) -> bool:
+        return self.trainer_cores is None
+
+    @property
+    def trainer_threads(self) -> int:
+        return 1 if self.trainer_cores is None else len(self.trainer_cores)
 
     def describe(self) -> str:
         """One line for `livetrain serve`'s start-up message."""
@@ -53,7 +59,7 @@ class CoreLayout:
         if self.trainer_idle:
             trainer = f"{self.trainer_threads} thread on idle cycles of any core"
         else:
-            trainer = f"{self.trainer_threads} thread(s) on cores {format_cpus(self.trainer_cores or ())}"
+            trainer = f"{self.trainer_threads} thread(s) on cores {format_cpus(self.trainer_cores)}"
         return f"vLLM on {vllm}; trainer {trainer}"
 
 
@@ -68,9 +74,8 @@ def core_layout(trainer_cores: int, available: Iterable[int] | None = None) -> C
     if trainer_cores < 0:
         raise CoreSplitError(f"the number of trainer cores cannot be negative ({trainer_cores})")
     if trainer_cores == 0 or len(cores) == 1:
-        return CoreLayout(vllm_cores=None, trainer_cores=None, trainer_threads=1, trainer_idle=True)
+        return CoreLayout(vllm_cores=None, trainer_cores=None)
     if trainer_cores >= len(cores):
         raise CoreSplitError(f"{trainer_cores} trainer cores leave vLLM none of the {len(cores)} cores "
                              f"available ({format_cpus(cores)})")
-    return CoreLayout(vllm_cores=frozenset(cores[:-trainer_cores]), trainer_cores=frozenset(cores[-trainer_cores:]),
-                      trainer_threads=trainer_cores, trainer_idle=False)
+    return CoreLayout(vllm_cores=frozenset(cores[:-trainer_cores]), trainer_cores=frozenset(cores[-trainer_cores:]))

@@ -15,15 +15,20 @@ def test_core_lists_parse_and_format():
 
 
 def test_trainer_cores_give_the_trainer_the_last_cores_at_normal_priority_and_vllm_the_others():
-    assert core_layout(1, [0, 1]) == CoreLayout(frozenset({0}), frozenset({1}), trainer_threads=1, trainer_idle=False)
-    assert core_layout(2, [3, 0, 1, 2]) == CoreLayout(frozenset({0, 1}), frozenset({2, 3}), 2, False)
+    one = core_layout(1, [0, 1])
+    assert one == CoreLayout(frozenset({0}), frozenset({1}))
+    assert one.trainer_threads == 1 and not one.trainer_idle
+    two = core_layout(2, [3, 0, 1, 2])
+    assert two == CoreLayout(frozenset({0, 1}), frozenset({2, 3}))
+    assert two.trainer_threads == 2 and not two.trainer_idle
     # The cores this process may use, not 0..n-1.
-    assert core_layout(1, [2, 5, 7]) == CoreLayout(frozenset({2, 5}), frozenset({7}), 1, False)
+    assert core_layout(1, [2, 5, 7]) == CoreLayout(frozenset({2, 5}), frozenset({7}))
     assert core_layout(1, [0, 1]).describe() == "vLLM on cores 0; trainer 1 thread(s) on cores 1"
 
 
 def test_by_default_or_on_one_core_vllm_binds_itself_and_the_trainer_takes_idle_cycles():
-    idle = CoreLayout(vllm_cores=None, trainer_cores=None, trainer_threads=1, trainer_idle=True)
+    idle = CoreLayout(vllm_cores=None, trainer_cores=None)
+    assert idle.trainer_threads == 1 and idle.trainer_idle
     assert core_layout(0, [0, 1]) == idle
     assert core_layout(1, [4]) == idle
     assert core_layout(0, [0, 1]).describe() == "vLLM on its own binding; trainer 1 thread on idle cycles of any core"
