@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
+from livetrain.train.compute_dtype import model_compute
 from livetrain.train.frozen_attention import frozen_context_attention
 
 __all__ = ["FrozenContext", "prefill", "continuation_logits"]
@@ -102,8 +103,9 @@ def prefill(model: torch.nn.Module, prefix_ids: torch.Tensor,
     """
     cache = base.fork() if base is not None else None
     # One logit row is the least the model computes; the prefill needs none.
-    out = model(input_ids=prefix_ids.view(1, -1), past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    with model_compute(model):
+        out = model(input_ids=prefix_ids.view(1, -1), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
     cache = out.past_key_values
     if cache is None:
         raise RuntimeError("the model returned no cache for the context; gradient checkpointing in training "
@@ -121,10 +123,13 @@ def continuation_logits(model: torch.nn.Module, frozen: FrozenContext | None,
 
     Runs with whatever grad mode the caller is in; the frozen state is only read. With grad,
     attention computes no key/value gradient for the frozen context (see `frozen_attention`).
+    A half-precision model computes in fp32 where the CPU lacks native support for it
+    (`compute_dtype`), here and in `prefill`.
     Returns [T, V] logits in float32 (the loss is computed in fp32 whatever the model's dtype).
     """
-    if frozen is None:
-        return model(input_ids=input_ids.view(1, -1), use_cache=False).logits[0].float()
-    with frozen_context_attention(model):
-        out = model(input_ids=input_ids.view(1, -1), past_key_values=frozen.fork(), use_cache=True)
+    with model_compute(model):
+        if frozen is None:
+            return model(input_ids=input_ids.view(1, -1), use_cache=False).logits[0].float()
+        with frozen_context_attention(model):
+            out = model(input_ids=input_ids.view(1, -1), past_key_values=frozen.fork(), use_cache=True)
     return out.logits[0].float()

@@ -1,0 +1,152 @@
+"""Float32 compute for a bf16/fp16 model on a CPU without native half-precision matrix units.
+
+The served weights are bf16 (vLLM's CPU default) and the trainer works on views of them,
+so its forward and backward would run in bf16 too. CPUs without AVX512-BF16 or AMX (every
+AVX2-only x86 CPU) emulate bf16 matrix products: here a 64 x 576 x 1536 product takes 6.8
+ms in bf16 against 1.3 ms in fp32, and a context-frozen step (context 1024, continuation
+64) takes 28 s instead of 3.5 s (docs/benchmarks.md). On such a CPU the training forward
+runs under `Float32Compute`: the weights stay where and what they are (bf16, shared with
+the server); each operation that meets an fp32 activation and a half-precision weight
+computes on an fp32 copy of the weight, made when the operation runs and dropped after
+it (after backward, for the weights backward needs). Gradients reach the bf16 parameters
+through that copy, rounded to bf16 once, so the optimizer sees bf16 gradients as before.
+
+`LIVETRAIN_FLOAT32_COMPUTE` overrides the choice: `1` always (for a half-precision model
+on CPU), `0` never, unset or `auto` by the CPU's features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, ContextManager, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["Float32Compute", "float32_compute_needed", "model_compute"]
+
+ENV = "LIVETRAIN_FLOAT32_COMPUTE"
+_HALF = (torch.bfloat16, torch.float16)
+# The most of a weight copied to fp32 at once (a 576 x 1536 projection is 3.5 MB).
+_BLOCK_BYTES = 16 << 20
+# Dunder operators that are not in place but do not promote mixed dtypes themselves.
+_NOT_IN_PLACE = {"__matmul__", "__rmatmul__"}
+
+
+def _is_half(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype in _HALF
+
+
+def _is_float32(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.float32
+
+
+def _upcast(value: Any) -> Any:
+    if _is_half(value):
+        return value.float()
+    if isinstance(value, (list, tuple)) and any(_is_half(v) for v in value):
+        return type(value)(v.float() if _is_half(v) else v for v in value)
+    return value
+
+
+class _Float32Linear(torch.autograd.Function):
+    """y = x·Wᵀ + b for fp32 `x` [..., in] and half-precision `weight` [out, in] / `bias`
+    [out], computed in fp32 on copies of at most _BLOCK_BYTES of the weight's rows at a
+    time (an LM head's 49152 x 576 is one 113 MB copy otherwise). Saves the half-precision
+    weight, not a copy; gradients come back in the weight's and bias's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        blocks = list(_row_blocks(weight))
+        if len(blocks) == 1:
+            return F.linear(x, weight.float(), None if bias is None else bias.float())
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        for rows in blocks:
+            out[..., rows] = F.linear(x, weight[rows].float(), None if bias is None else bias[rows].float())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
+        grad_x = None
+        grad_w = torch.empty_like(weight) if need_w else None
+        for rows in _row_blocks(weight):
+            block = weight[rows].float()
+            if need_x:
+                part = grad_out[..., rows] @ block  # [..., in]
+                grad_x = part if grad_x is None else grad_x.add_(part)
+            if need_w:
+                grad_w[rows] = grad_rows[:, rows].t() @ x.reshape(-1, x.shape[-1])
+        grad_b = grad_rows.sum(0).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+        return grad_x, grad_w, grad_b
+
+
+def _row_blocks(weight: torch.Tensor) -> Iterator[slice]:
+    """Slices of `weight`'s rows whose fp32 copies take at most _BLOCK_BYTES."""
+    rows = max(1, _BLOCK_BYTES // (4 * weight.shape[1]))
+    return (slice(start, min(start + rows, weight.shape[0])) for start in range(0, weight.shape[0], rows))
+
+
+class Float32Compute(TorchFunctionMode):
+    """Within it, a half-precision model computes in fp32:
+
+    * an embedding lookup returns fp32 rows (the hidden states are fp32 from the start);
+    * a linear layer on fp32 input computes in fp32 (`_Float32Linear`);
+    * an operation given both fp32 and half-precision tensors (a linear layer's weight,
+      a norm's or a convolution's) runs on fp32 copies of the half-precision ones.
+
+    In-place operations and ``out=`` calls are left alone: a write into a bf16 tensor (a
+    cache buffer) stays a write into that tensor, rounded to its dtype.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            return func(*args, **kwargs).float()
+        if func is F.linear:
+            x, weight, bias = _linear_arguments(*args, **kwargs)
+            if _is_float32(x) and _is_half(weight):
+                return _Float32Linear.apply(x, weight, bias)
+        name = getattr(func, "__name__", "")
+        in_place = name.endswith("_") and name not in _NOT_IN_PLACE
+        if not in_place and "out" not in kwargs:
+            values = [*args, *kwargs.values()]
+            flat = [v for value in values for v in (value if isinstance(value, (list, tuple)) else (value,))]
+            if any(_is_float32(v) for v in flat) and any(_is_half(v) for v in flat):
+                args = tuple(_upcast(a) for a in args)
+                kwargs = {k: _upcast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _linear_arguments(input, weight, bias=None):
+    return input, weight, bias
+
+
+def float32_compute_needed(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a model of `dtype` on `device` should compute in fp32: half precision on a
+    CPU without native matrix units for it (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16)."""
+    if dtype not in _HALF or device.type != "cpu":
+        return False
+    choice = os.environ.get(ENV, "auto").strip().lower()
+    if choice not in ("auto", "0", "1"):
+        raise ValueError(f"{ENV} must be auto, 0 or 1, got {choice!r}")
+    if choice != "auto":
+        return choice == "1"
+    if dtype == torch.bfloat16:
+        return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return not torch.cpu._is_amx_fp16_supported()
+
+
+def model_compute(model: torch.nn.Module) -> ContextManager[Any]:
+    """The context a training forward of `model` runs in: `Float32Compute` where
+    `float32_compute_needed` says so for its weights, else nothing."""
+    weight = model.get_input_embeddings().weight
+    if float32_compute_needed(weight.dtype, weight.device):
+        return Float32Compute()
+    return contextlib.nullcontext()
