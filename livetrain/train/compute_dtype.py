@@ -51,40 +51,58 @@ def _upcast(value: Any) -> Any:
     return value
 
 
+class _Scratch:
+    """One reusable fp32 buffer for weight blocks: no allocation per layer, so the process's
+    heap does not fill with freed copies (with a fresh copy per layer, the resident set of a
+    bf16 step on the default model rose 609 MiB instead of 295)."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def block(self, rows: int, cols: int) -> torch.Tensor:
+        """A [rows, cols] fp32 view of the buffer (its contents are whatever was last put there)."""
+        if self._buffer is None or self._buffer.numel() < rows * cols:
+            self._buffer = torch.empty(max(rows * cols, _BLOCK_BYTES // 4))
+        return self._buffer[:rows * cols].view(rows, cols)
+
+
 class _Float32Linear(torch.autograd.Function):
     """y = x·Wᵀ + b for fp32 `x` [..., in] and half-precision `weight` [out, in] / `bias`
     [out], computed in fp32 on copies of at most _BLOCK_BYTES of the weight's rows at a
-    time (an LM head's 49152 x 576 is one 113 MB copy otherwise). Saves the half-precision
-    weight, not a copy; gradients come back in the weight's and bias's dtype."""
+    time, made in `scratch`. Saves the half-precision weight, not a copy; gradients come
+    back in the weight's and bias's dtype."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, scratch):
         ctx.save_for_backward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.scratch = scratch
         blocks = list(_row_blocks(weight))
         if len(blocks) == 1:
-            return F.linear(x, weight.float(), None if bias is None else bias.float())
+            return F.linear(x, scratch.block(*weight.shape).copy_(weight), None if bias is None else bias.float())
         out = x.new_empty(*x.shape[:-1], weight.shape[0])
         for rows in blocks:
-            out[..., rows] = F.linear(x, weight[rows].float(), None if bias is None else bias[rows].float())
+            block = scratch.block(rows.stop - rows.start, weight.shape[1]).copy_(weight[rows])
+            out[..., rows] = F.linear(x, block, None if bias is None else bias[rows].float())
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
+        x_rows = x.reshape(-1, x.shape[-1])                   # [N, in]
         grad_x = None
         grad_w = torch.empty_like(weight) if need_w else None
         for rows in _row_blocks(weight):
-            block = weight[rows].float()
+            block = ctx.scratch.block(rows.stop - rows.start, weight.shape[1])
             if need_x:
-                part = grad_out[..., rows] @ block  # [..., in]
+                part = grad_out[..., rows] @ block.copy_(weight[rows])  # [..., in]
                 grad_x = part if grad_x is None else grad_x.add_(part)
-            if need_w:
-                grad_w[rows] = grad_rows[:, rows].t() @ x.reshape(-1, x.shape[-1])
+            if need_w:  # the block's fp32 gradient, then rounded into the weight's dtype
+                grad_w[rows] = torch.mm(grad_rows[:, rows].t(), x_rows, out=block)
         grad_b = grad_rows.sum(0).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 def _row_blocks(weight: torch.Tensor) -> Iterator[slice]:
@@ -105,6 +123,10 @@ class Float32Compute(TorchFunctionMode):
     cache buffer) stays a write into that tensor, rounded to its dtype.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._scratch = _Scratch()
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.embedding:
@@ -112,7 +134,7 @@ class Float32Compute(TorchFunctionMode):
         if func is F.linear:
             x, weight, bias = _linear_arguments(*args, **kwargs)
             if _is_float32(x) and _is_half(weight):
-                return _Float32Linear.apply(x, weight, bias)
+                return _Float32Linear.apply(x, weight, bias, self._scratch)
         name = getattr(func, "__name__", "")
         in_place = name.endswith("_") and name not in _NOT_IN_PLACE
         if not in_place and "out" not in kwargs:
