@@ -15,9 +15,11 @@ decoder matrix, AdamW on norms, embeddings frozen), gradient clipped to norm 1.
            TRL's ORPOTrainer (`trl.experimental.orpo`) on the same tokenized example.
 
 Step times: median of --reps runs after one warm-up, variants interleaved so that load
-from other processes hits them alike. Peak memory: each variant runs one step in a fresh
-subprocess; the figure is the rise of the process's peak resident set (VmHWM, reset via
-/proc/self/clear_refs just before the step) over its resident set before the step.
+from other processes hits them alike; the process keeps freed memory for reuse
+(`retain_freed_memory`, as livetrain's training processes do), for every variant alike.
+Peak memory: each variant runs one step in a fresh subprocess; the figure is the rise of
+the process's peak resident set (VmHWM, reset via /proc/self/clear_refs just before the
+step) over its resident set before the step.
 
     .venv/bin/python bench/train_step.py [--reps 3] [--threads 2]
 TRL is a benchmark-only dependency: .venv/bin/pip install trl==1.16.0
@@ -42,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from livetrain.default_model import init_default
 from livetrain.optim import apollo_mini, apollo_param_groups
 from livetrain.train import ContextCache, PreferenceExample, SFTExample, StepOptions, train_step
+from livetrain.train.host_memory import retain_freed_memory
 from livetrain.train.losses import token_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +106,7 @@ def memory_child(variant: str, threads: int) -> None:
     optimizer = make_optimizer(model)
     example = sft_example()
     gc.collect()
+    retain_freed_memory()  # after loading: memory freed while loading is not reused by the step
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _vm("VmRSS")
     if variant in ("full", "labels"):
@@ -187,6 +191,7 @@ def main() -> None:
         return
 
     model, tokenizer = load_model(args.threads)
+    retain_freed_memory()  # as livetrain's training processes do; every variant runs with it
     optimizer = make_optimizer(model)
     example = sft_example()
     cache = ContextCache(max_age_steps=None)

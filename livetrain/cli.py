@@ -68,8 +68,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise UsageError("give --model DIR (offline training) or --server URL (a running server)")
+        from livetrain.train.host_memory import retain_freed_memory
         from livetrain.worker.offline import train_offline
 
+        retain_freed_memory()  # this process trains from here on
         summary = train_offline(args.data, args.model, optimizer=args.optimizer or "apollo-mini",
                                 max_grad_norm=args.max_grad_norm,
                                 **({"train_modules": args.train_modules} if args.train_modules else {}),

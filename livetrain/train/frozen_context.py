@@ -129,7 +129,9 @@ def continuation_logits(model: torch.nn.Module, frozen: FrozenContext | None,
     """
     with model_compute(model):
         if frozen is None:
-            return model(input_ids=input_ids.view(1, -1), use_cache=False).logits[0].float()
-        with frozen_context_attention(model):
-            out = model(input_ids=input_ids.view(1, -1), past_key_values=frozen.fork(), use_cache=True)
-    return out.logits[0].float()
+            logits = model(input_ids=input_ids.view(1, -1), use_cache=False).logits
+        else:
+            with frozen_context_attention(model):
+                logits = model(input_ids=input_ids.view(1, -1), past_key_values=frozen.fork(), use_cache=True).logits
+    # squeeze, not [0]: its backward is a view, where indexing's fills a [1, T, V] zeros tensor.
+    return logits.squeeze(0).float()

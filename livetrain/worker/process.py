@@ -29,6 +29,7 @@ import torch
 from livetrain.checkpoint import GenerationNotFoundError
 from livetrain.cpus import format_cpus, parse_cpus
 from livetrain.train.data import DataFormatError, Example, SFTExample, parse_record
+from livetrain.train.host_memory import retain_freed_memory
 from livetrain.train.step import InvalidExampleError, StepOptions, validate_examples
 from livetrain.worker import protocol
 from livetrain.worker.connection import call_worker
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         schedule_when_idle()
     if args.cpus:
         pin_to_cores(args.cpus)
+    retain_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s livetrain.worker %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
