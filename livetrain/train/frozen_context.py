@@ -127,11 +127,12 @@ def continuation_logits(model: torch.nn.Module, frozen: FrozenContext | None,
     (`compute_dtype`), here and in `prefill`.
     Returns [T, V] logits in float32 (the loss is computed in fp32 whatever the model's dtype).
     """
+    ids = input_ids.view(1, -1)
     with model_compute(model):
         if frozen is None:
-            logits = model(input_ids=input_ids.view(1, -1), use_cache=False).logits
+            logits = model(input_ids=ids, use_cache=False).logits
         else:
             with frozen_context_attention(model):
-                logits = model(input_ids=input_ids.view(1, -1), past_key_values=frozen.fork(), use_cache=True).logits
+                logits = model(input_ids=ids, past_key_values=frozen.fork(), use_cache=True).logits
     # squeeze, not [0]: its backward is a view, where indexing's fills a [1, T, V] zeros tensor.
     return logits.squeeze(0).float()
