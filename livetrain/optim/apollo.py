@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from livetrain.optim.grad_factors import GradFactors
 from livetrain.optim.stochastic_rounding import copy_stochastic_
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -120,7 +121,8 @@ class Apollo(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, grad_scale: float | None = None,
-             grad_norms: Mapping[torch.Tensor, torch.Tensor] | None = None) -> float | None:
+             grad_norms: Mapping[torch.Tensor, torch.Tensor] | None = None,
+             grad_factors: GradFactors | None = None) -> float | None:
         """One update of every parameter that has a gradient. Never reads a tensor's value
         on the host, so it does not stall an accelerator.
 
@@ -131,14 +133,20 @@ class Apollo(Optimizer):
         grad_norms: the L2 norm (0-dim, float32) of parameters' gradients that the caller
         has already taken (for clipping), by parameter; tensor-wise scaling uses them
         instead of a pass over those gradients.
+        grad_factors: gradients of APOLLO weights given as factors (dY, X), G = dYᵀ·X,
+        instead of `.grad` (`livetrain.optim.grad_factors`): the projection, the norms and
+        the update are computed from the factors, G is never formed. A weight that has a
+        `.grad` steps on it alone (`GradFactors.fold_into_grads` adds the factors first).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in params):
+            factors = grad_factors if group["rank"] is not None else None
+            params = [p for p in group["params"]
+                      if p.grad is not None or (factors is not None and factors.get(p) is not None)]
+            if any(p.grad is not None and p.grad.is_sparse for p in params):
                 raise RuntimeError("Apollo does not support sparse gradients")
             if not params:
                 continue
@@ -146,7 +154,7 @@ class Apollo(Optimizer):
                 self._adamw_step(group, params, grad_scale)
             else:
                 for batch in _batches(params, _BATCH_BYTES):
-                    self._apollo_step(group, batch, grad_scale, grad_norms or {})
+                    self._apollo_step(group, batch, grad_scale, grad_norms or {}, factors)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -176,9 +184,10 @@ class Apollo(Optimizer):
     # --- APOLLO -----------------------------------------------------------------------
 
     def _apollo_step(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float | None,
-                     known_norms: Mapping[torch.Tensor, torch.Tensor]) -> None:
+                     known_norms: Mapping[torch.Tensor, torch.Tensor], factors: GradFactors | None) -> None:
         """One step of a batch of weights on one device. The small projected-space math
-        runs on the batch's flat buffers: a few ops per batch, not per weight."""
+        runs on the batch's flat buffers: a few ops per batch, not per weight. A weight
+        without `.grad` has its gradient in `factors`."""
         beta1, beta2 = group["betas"]
         channelwise = group["scale_type"] == "channel"
         layout = self._layout(group, params)
@@ -191,6 +200,17 @@ class Apollo(Optimizer):
             state["step"] += 1
             axis = projected_axis(p)
             proj = self._projection(p, state["seed"], state["step"], group)  # (r or 2, k)
+            if p.grad is None:
+                # (channels, r): R = G Pᵀ = dYᵀ (X Pᵀ) for m >= n; Rᵀ = Gᵀ Pᵀ = Xᵀ (dY Pᵀ) for m < n.
+                grad_rows, input_rows = factors.get(p)
+                rows, other = (grad_rows, input_rows) if axis == 1 else (input_rows, grad_rows)
+                out = layout.view(projected, i)
+                torch.mm(rows.t(), other @ proj[:out.shape[1]].t(), out=out)
+                if channelwise:
+                    grad_norms[layout.channels(i)] = factors.channel_norms(p, axis)
+                else:
+                    grad_norms[i] = known_norms[p] if p in known_norms else factors.norm(p)
+                continue
             grad = p.grad.float()  # the gradient itself when it is fp32
             # (channels, r): R = G Pᵀ for m >= n; Rᵀ = Gᵀ Pᵀ for m < n.
             _project(grad if axis == 1 else grad.t(), proj, out=layout.view(projected, i))
@@ -236,8 +256,15 @@ class Apollo(Optimizer):
                 scale = scales[i]
             # W ← W − lr · bias correction · α · G ⊙ s, in one pass over G and W.
             weights = self._decayed_fp32_weights(p, group)
-            weights.addcmul_(p.grad, scale,
-                             value=-self._step_size(state, group) * self._alpha(p, group))
+            step_size = -self._step_size(state, group) * self._alpha(p, group)
+            if p.grad is None:  # one product into W: (dY ⊙ s)ᵀ X for a scale per row, else dYᵀ (X ⊙ s)
+                grad_rows, input_rows = factors.get(p)
+                if channelwise and projected_axis(p) == 1:
+                    weights.addmm_(grad_rows.mul(scale.view(1, -1)).t(), input_rows, alpha=step_size)
+                else:
+                    weights.addmm_(grad_rows.t(), input_rows.mul(scale.view(1, -1)), alpha=step_size)
+            else:
+                weights.addcmul_(p.grad, scale, value=step_size)
             self._store(p, weights, state, group)
 
     def _layout(self, group: dict[str, Any], params: list[torch.Tensor]) -> _FlatLayout:
@@ -450,7 +477,7 @@ def _batches(params: list[torch.Tensor], max_bytes: int) -> Iterable[list[torch.
     (at least one weight each)."""
     batch, size = [], 0
     for p in params:
-        nbytes = p.grad.numel() * p.grad.element_size()
+        nbytes = p.numel() * p.element_size()
         if batch and (size + nbytes > max_bytes or p.device != batch[0].device):
             yield batch
             batch, size = [], 0

@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from livetrain.optim.grad_factors import GradFactors
+from livetrain.train.factor_recording import factors_for, linear_arguments
+
 __all__ = ["Float32Compute", "float32_compute_needed", "model_compute"]
 
 ENV = "LIVETRAIN_FLOAT32_COMPUTE"
@@ -71,13 +74,15 @@ class _Float32Linear(torch.autograd.Function):
     """y = x·Wᵀ + b for fp32 `x` [..., in] and half-precision `weight` [out, in] / `bias`
     [out], computed in fp32 on copies of at most _BLOCK_BYTES of the weight's rows at a
     time, made in `scratch`. Saves the half-precision weight, not a copy; gradients come
-    back in the weight's and bias's dtype."""
+    back in the weight's and bias's dtype, the weight's as factors into `factors` if given
+    (`factor_recording`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scratch):
+    def forward(ctx, x, weight, bias, scratch, factors: GradFactors | None):
         ctx.save_for_backward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.scratch = scratch
+        ctx.factors = factors
         blocks = list(_row_blocks(weight))
         if len(blocks) == 1:
             return F.linear(x, scratch.block(*weight.shape).copy_(weight), None if bias is None else bias.float())
@@ -93,6 +98,9 @@ class _Float32Linear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
         x_rows = x.reshape(-1, x.shape[-1])                   # [N, in]
+        if need_w and ctx.factors is not None:
+            ctx.factors.record(weight, grad_rows, x_rows)
+            need_w = False
         grad_x = None
         grad_w = torch.empty_like(weight) if need_w else None
         for rows in _row_blocks(weight):
@@ -103,7 +111,7 @@ class _Float32Linear(torch.autograd.Function):
             if need_w:  # the block's fp32 gradient, then rounded into the weight's dtype
                 grad_w[rows] = torch.mm(grad_rows[:, rows].t(), x_rows, out=block)
         grad_b = grad_rows.sum(0).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _row_blocks(weight: torch.Tensor) -> Iterator[slice]:
@@ -133,9 +141,9 @@ class Float32Compute(TorchFunctionMode):
         if func is F.embedding:
             return func(*args, **kwargs).float()
         if func is F.linear:
-            x, weight, bias = _linear_arguments(*args, **kwargs)
+            x, weight, bias = linear_arguments(*args, **kwargs)
             if _is_float32(x) and _is_half(weight):
-                return _Float32Linear.apply(x, weight, bias, self._scratch)
+                return _Float32Linear.apply(x, weight, bias, self._scratch, factors_for(weight))
         name = getattr(func, "__name__", "")
         in_place = name.endswith("_") and name not in _NOT_IN_PLACE
         if not in_place and "out" not in kwargs:
@@ -145,10 +153,6 @@ class Float32Compute(TorchFunctionMode):
                 args = tuple(_upcast(a) for a in args)
                 kwargs = {k: _upcast(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
-
-
-def _linear_arguments(input, weight, bias=None):
-    return input, weight, bias
 
 
 def float32_compute_needed(dtype: torch.dtype, device: torch.device) -> bool:

@@ -7,6 +7,9 @@ position that has grad, and the loss covers the continuation only. A preference 
 runs its context once; both answers fork the same frozen state. Gradients accumulate
 over the batch, then one optimizer step - unless a guard says no, in which case the
 weights are left bit-identical and the result says why.
+
+With APOLLO, the weight gradients of a short batch's linear layers are kept as their
+factors (`livetrain.optim.grad_factors`), never as dense matrices.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from typing import Iterator, Literal, Sequence
 import torch
 
 from livetrain.optim import Apollo
+from livetrain.optim.grad_factors import GradFactors
 from livetrain.train.context_cache import ContextCache
 from livetrain.train.data import Example, PreferenceExample, SFTExample
+from livetrain.train.factor_recording import recording_factors
 from livetrain.train.frozen_context import FrozenContext, continuation_logits, prefill
 from livetrain.train.losses import dpo_loss, orpo_loss, sft_loss, token_logprobs
 
@@ -154,6 +159,19 @@ def _trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
+def _factored_weights(optimizer: torch.optim.Optimizer, rows: int) -> GradFactors | None:
+    """The weights whose gradients over `rows` token rows this step keeps as factors: APOLLO
+    weights where that takes less memory (`GradFactors.worth_it`). None for other optimizers."""
+    if not isinstance(optimizer, Apollo):
+        return None
+    return GradFactors(p for group in optimizer.param_groups if group["rank"] is not None
+                       for p in group["params"] if p.requires_grad and GradFactors.worth_it(p, rows))
+
+
+def _has_grad(p: torch.Tensor, factors: GradFactors | None) -> bool:
+    return p.grad is not None or (factors is not None and factors.get(p) is not None)
+
+
 def _combined_norm(norms: Sequence[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of several tensors together, from their own L2 norms (0-dim each)."""
     if not norms:
@@ -210,6 +228,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
         tokens = sum(len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples)
         scale = 1.0 / len(examples)
 
+    factors = _factored_weights(optimizer, tokens)
+
     def refuse(loss: float, grad_norm: float, reason: str) -> StepResult:
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, tokens, grad_norm, 0.0, False, reason, time.perf_counter() - start,
@@ -217,12 +237,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
 
     losses, hits, metric_values = [], 0, {}
     for ex in examples:
-        loss, ex_metrics, hit = _example_loss(model, ex, options, device, context_cache, scale)
+        with recording_factors(factors):
+            loss, ex_metrics, hit = _example_loss(model, ex, options, device, context_cache, scale)
         hits += hit
         for k, v in ex_metrics.items():
             metric_values.setdefault(k, []).append(v)
         loss.backward()
         losses.append(loss.detach())
+    if factors is not None:
+        factors.fold_into_grads()
     # One host sync for the batch's losses and metrics. An example whose loss is not finite
     # has run its backward too; the step is refused below and the gradients dropped.
     names = list(metric_values)
@@ -232,9 +255,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     if not math.isfinite(total_loss):
         return refuse(float("nan"), float("nan"), "non-finite loss")
 
-    stepped = [p for p in params if p.grad is not None]
-    grad_norms = torch._foreach_norm([p.grad for p in stepped], 2, dtype=torch.float32)
-    grad_norm = _combined_norm(grad_norms).item()
+    grad_norms = {p: factors.norm(p) for p in factors.recorded()} if factors is not None else {}
+    dense = [p for p in params if p.grad is not None]
+    if dense:
+        grad_norms.update(zip(dense, torch._foreach_norm([p.grad for p in dense], 2, dtype=torch.float32)))
+    grad_norm = _combined_norm(list(grad_norms.values())).item()
     if not math.isfinite(grad_norm):
         return refuse(total_loss, grad_norm, "non-finite gradient")
     if options.dry_run:
@@ -243,7 +268,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     if options.max_grad_norm is not None and grad_norm > options.max_grad_norm:
         clip = options.max_grad_norm / (grad_norm + 1e-6)
 
-    update_norm = _apply(optimizer, params, options, before, clip, dict(zip(stepped, grad_norms)))
+    update_norm = _apply(optimizer, params, options, before, clip, grad_norms, factors)
     if update_norm is not None and not math.isfinite(update_norm):
         return refuse(total_loss, grad_norm, "non-finite update (weights restored)")
     optimizer.zero_grad(set_to_none=True)
@@ -256,12 +281,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
 @torch.no_grad()
 def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options: StepOptions,
            before: Sequence[torch.Tensor] | None, clip: float | None,
-           grad_norms: dict[torch.Tensor, torch.Tensor]) -> float | None:
+           grad_norms: dict[torch.Tensor, torch.Tensor], factors: GradFactors | None) -> float | None:
     """optimizer.step() at the step's lr on the gradients times ``clip`` (None: as they
     are); returns the update's L2 norm if measured (always when the caller passed its
-    pre-step copies as ``before``). `Apollo` takes the factor and the gradients' norms
-    (by parameter, before clipping) into its step; other optimizers get the gradients
-    rescaled first.
+    pre-step copies as ``before``). `Apollo` takes the factor, the gradients' norms
+    (by parameter, before clipping) and the factored gradients into its step; other
+    optimizers get the gradients rescaled first.
 
     A non-finite update is undone (weights restored bit for bit); an update over
     max_update_norm is scaled down to it.
@@ -270,16 +295,16 @@ def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options
     if options.lr is not None:
         for group in optimizer.param_groups:
             group["lr"] = options.lr
-    stepped = [p for p in params if p.grad is not None]
+    stepped = [p for p in params if _has_grad(p, factors)]
     if before is not None:
         if len(before) != len(params):
             raise ValueError(f"{len(before)} pre-step copies for {len(params)} parameters")
-        before = [b for p, b in zip(params, before) if p.grad is not None]
+        before = [b for p, b in zip(params, before) if _has_grad(p, factors)]
     elif options.measure_update or options.max_update_norm is not None:
         before = [p.detach().clone() for p in stepped]
     try:
         if isinstance(optimizer, Apollo):
-            optimizer.step(grad_scale=clip, grad_norms=grad_norms)
+            optimizer.step(grad_scale=clip, grad_norms=grad_norms, grad_factors=factors)
         else:
             if clip is not None:
                 torch._foreach_mul_([p.grad for p in stepped], clip)
