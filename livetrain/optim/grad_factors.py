@@ -52,8 +52,11 @@ class GradFactors:
         return len(self._parts)
 
     def record(self, weight: torch.Tensor, grad_rows: torch.Tensor, input_rows: torch.Tensor) -> None:
-        """Add rows: `grad_rows` [N, out] (dY) and `input_rows` [N, in] (X) of one call."""
-        self._parts[weight].append((grad_rows.float(), input_rows.float()))
+        """Add rows: `grad_rows` [N, out] (dY) and `input_rows` [N, in] (X) of one call.
+
+        Kept detached: an input saved for backward still points into the autograd graph,
+        whose nodes hold this object, a cycle that would keep every step's graph alive."""
+        self._parts[weight].append((grad_rows.detach().float(), input_rows.detach().float()))
 
     def get(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(dY [N, out], X [N, in]) of `weight`'s gradient, None if nothing was recorded."""
