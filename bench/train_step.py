@@ -11,6 +11,9 @@ decoder matrix, AdamW on norms, embeddings frozen), gradient clipped to norm 1.
            (`logits_to_keep`): a stronger reference than the standard one.
 * frozen:  livetrain's `train_step` (context under no_grad, continuation with grad).
 * hit:     `train_step` with the context's state already in a `ContextCache`.
+* hit, dense gradients / frozen, dense gradients (for comparison, no target): the same
+           steps with every weight gradient formed densely, as before livetrain kept short
+           batches' gradients as their factors (`livetrain.optim.grad_factors`).
 * ORPO:    `train_step(loss="orpo")` (the context runs once, both answers reuse it) vs
            TRL's ORPOTrainer (`trl.experimental.orpo`) on the same tokenized example.
 
@@ -28,6 +31,7 @@ TRL is a benchmark-only dependency: .venv/bin/pip install trl==1.16.0
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import re
@@ -42,7 +46,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from livetrain.default_model import init_default
-from livetrain.optim import apollo_mini, apollo_param_groups
+from livetrain.optim import apollo_mini, apollo_param_groups, grad_factors
 from livetrain.train import ContextCache, PreferenceExample, SFTExample, StepOptions, train_step
 from livetrain.train.host_memory import retain_freed_memory
 from livetrain.train.losses import token_logprobs
@@ -69,6 +73,17 @@ def sft_example(seed: int = 0) -> SFTExample:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(100, 40000, (CONTEXT + CONTINUATION,), generator=g).tolist()
     return SFTExample(tuple(ids[:CONTEXT]), tuple(ids[CONTEXT:]))
+
+
+@contextlib.contextmanager
+def dense_gradients():
+    """Within it, `train_step` forms every weight gradient densely (no factored gradients)."""
+    saved = grad_factors.MAX_SIZE_FRACTION
+    grad_factors.MAX_SIZE_FRACTION = 0.0
+    try:
+        yield
+    finally:
+        grad_factors.MAX_SIZE_FRACTION = saved
 
 
 def full_backprop_step(model, optimizer, example: SFTExample, standard: bool = False) -> float:
@@ -112,7 +127,9 @@ def memory_child(variant: str, threads: int) -> None:
     if variant in ("full", "labels"):
         full_backprop_step(model, optimizer, example, standard=variant == "labels")
     else:
-        result = train_step(model, optimizer, [example], StepOptions(measure_update=variant == "frozen-update-norm"))
+        with dense_gradients() if variant == "frozen-dense" else contextlib.nullcontext():
+            result = train_step(model, optimizer, [example],
+                                StepOptions(measure_update=variant == "frozen-update-norm"))
         assert result.applied, result.reason
     print(json.dumps({"variant": variant, "peak_delta_bytes": _vm("VmHWM") - before}))
 
@@ -183,7 +200,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (on a CPU shared with other jobs, 1 gives steadier figures)")
-    parser.add_argument("--memory-child", choices=["labels", "full", "frozen", "frozen-update-norm"])
+    parser.add_argument("--memory-child", choices=["labels", "full", "frozen", "frozen-update-norm", "frozen-dense"])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_step.json")
     args = parser.parse_args()
     if args.memory_child:
@@ -195,21 +212,25 @@ def main() -> None:
     optimizer = make_optimizer(model)
     example = sft_example()
     cache = ContextCache(max_age_steps=None)
+    dense_cache = ContextCache(max_age_steps=None)
 
     # TRL first: it also yields the exact tokenized ORPO example both sides train on.
     trl_times, pair = trl_orpo(model, tokenizer, args.reps, gradient_checkpointing=True)
     trl_plain_times, _ = trl_orpo(model, tokenizer, args.reps, gradient_checkpointing=False)
 
-    times: dict[str, list[float]] = {"labels": [], "full": [], "frozen": [], "hit": [], "orpo": []}
-    for rep in range(args.reps + 1):  # rep 0 warms up (and fills the context cache)
+    times: dict[str, list[float]] = {"labels": [], "full": [], "frozen": [], "hit": [], "orpo": [],
+                                     "hit-dense": []}
+    for rep in range(args.reps + 1):  # rep 0 warms up (and fills the context caches)
         step = {"labels": full_backprop_step(model, optimizer, example, standard=True),
                 "full": full_backprop_step(model, optimizer, example),
-                "frozen": train_step(model, optimizer, [example]).seconds,
+                "frozen": train_step(model, optimizer, [example]),
                 "hit": train_step(model, optimizer, [example], context_cache=cache),
-                "orpo": train_step(model, optimizer, [pair], StepOptions(loss="orpo")).seconds}
-        hit = step["hit"]
-        assert hit.cache_hits == (rep > 0), "expected a context-cache hit after the first step"
-        step["hit"] = hit.seconds
+                "orpo": train_step(model, optimizer, [pair], StepOptions(loss="orpo"))}
+        with dense_gradients():
+            step["hit-dense"] = train_step(model, optimizer, [example], context_cache=dense_cache)
+        for name in ("hit", "hit-dense"):
+            assert step[name].cache_hits == (rep > 0), "expected a context-cache hit after the first step"
+        step = {name: r if isinstance(r, float) else r.seconds for name, r in step.items()}
         if rep:
             for name, seconds in step.items():
                 times[name].append(seconds)
@@ -218,7 +239,8 @@ def main() -> None:
     median["trl_orpo"] = statistics.median(trl_times)
     median["trl_orpo_plain"] = statistics.median(trl_plain_times)
 
-    memory = {v: peak_memory(v, args.threads) for v in ("labels", "full", "frozen", "frozen-update-norm")}
+    memory = {v: peak_memory(v, args.threads)
+              for v in ("labels", "full", "frozen", "frozen-update-norm", "frozen-dense")}
 
     rows = []
     for ref, ref_name in (("labels", "full backprop, HF masked labels"), ("full", "full backprop, logits kept")):
@@ -236,6 +258,9 @@ def main() -> None:
          median["orpo"], median["trl_orpo"], "s", 0.3),
         ("ORPO step, same, TRL without gradient checkpointing (faster than its default)",
          median["orpo"], median["trl_orpo_plain"], "s", 0.3),
+        ("step time, context-cache hit, factored vs dense gradients", median["hit"], median["hit-dense"], "s", None),
+        ("peak memory of the context-frozen step, factored vs dense gradients",
+         memory["frozen"], memory["frozen-dense"], "bytes", None),
     ]
     print(f"\nSmolLM2-135M-Instruct, fp32, {args.threads} threads, median of {args.reps}")
     print(f"{'figure':88s} {'livetrain':>10s} {'reference':>10s} {'ratio':>6s} {'target':>7s}")
@@ -243,10 +268,11 @@ def main() -> None:
     for name, ours, ref, unit, target in rows:
         ratio = ours / ref
         fmt = (lambda x: f"{x:.2f} s") if unit == "s" else (lambda x: f"{x / 2**30:.2f} GiB")
-        print(f"{name:88s} {fmt(ours):>10s} {fmt(ref):>10s} {ratio:6.2f} {'<= ' + str(target):>7s}"
-              f"  {'ok' if ratio <= target else 'MISSES TARGET'}")
-        results.append({"figure": name, "livetrain": ours, "reference": ref, "unit": unit,
-                        "ratio": ratio, "target": target, "meets_target": ratio <= target})
+        verdict = "" if target is None else "  ok" if ratio <= target else "  MISSES TARGET"
+        print(f"{name:88s} {fmt(ours):>10s} {fmt(ref):>10s} {ratio:6.2f} "
+              f"{'' if target is None else '<= ' + str(target):>7s}{verdict}")
+        results.append({"figure": name, "livetrain": ours, "reference": ref, "unit": unit, "ratio": ratio,
+                        "target": target, "meets_target": None if target is None else ratio <= target})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "dtype": "float32", "threads": args.threads,
                                     "reps": args.reps, "times": times, "trl_orpo_times": trl_times,
