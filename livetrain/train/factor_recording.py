@@ -63,7 +63,8 @@ class _RecordingMode(TorchFunctionMode):
         if func is F.linear:
             x, weight, bias = linear_arguments(*args, **kwargs)
             factors = factors_for(weight)
-            if factors is not None and not (x.dtype == torch.float32 and weight.dtype != torch.float32):
+            float32_compute = x.dtype == torch.float32 and weight.dtype != torch.float32
+            if factors is not None and not float32_compute:
                 return _FactoredLinear.apply(x, weight, bias, factors)
         return func(*args, **kwargs)
 
