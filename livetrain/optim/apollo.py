@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from livetrain.optim.grad_factors import GradFactors
+from livetrain.optim.grad_factors import GradFactors, has_gradient
 from livetrain.optim.stochastic_rounding import copy_stochastic_
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -144,8 +144,7 @@ class Apollo(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             factors = grad_factors if group["rank"] is not None else None
-            params = [p for p in group["params"]
-                      if p.grad is not None or (factors is not None and factors.get(p) is not None)]
+            params = [p for p in group["params"] if has_gradient(p, factors)]
             if any(p.grad is not None and p.grad.is_sparse for p in params):
                 raise RuntimeError("Apollo does not support sparse gradients")
             if not params:

@@ -26,7 +26,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["GradFactors", "MAX_SIZE_FRACTION"]
+__all__ = ["GradFactors", "MAX_SIZE_FRACTION", "has_gradient"]
 
 # A weight is factored when its factors take at most this fraction of its gradient's size.
 MAX_SIZE_FRACTION = 0.5
@@ -94,3 +94,8 @@ class GradFactors:
                 grad_rows, input_rows = self.get(weight)
                 weight.grad.addmm_(grad_rows.T.to(weight.grad.dtype), input_rows.to(weight.grad.dtype))
                 self._parts[weight].clear()
+
+
+def has_gradient(weight: torch.Tensor, factors: GradFactors | None) -> bool:
+    """Whether `weight` has a gradient this step: a `.grad`, or factors in `factors`."""
+    return weight.grad is not None or (factors is not None and factors.get(weight) is not None)

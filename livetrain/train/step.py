@@ -22,7 +22,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 
 from livetrain.optim import Apollo
-from livetrain.optim.grad_factors import GradFactors
+from livetrain.optim.grad_factors import GradFactors, has_gradient
 from livetrain.train.context_cache import ContextCache
 from livetrain.train.data import Example, PreferenceExample, SFTExample
 from livetrain.train.factor_recording import recording_factors
@@ -168,10 +168,6 @@ def _factored_weights(optimizer: torch.optim.Optimizer, rows: int) -> GradFactor
                        for p in group["params"] if p.requires_grad and GradFactors.worth_it(p, rows))
 
 
-def _has_grad(p: torch.Tensor, factors: GradFactors | None) -> bool:
-    return p.grad is not None or (factors is not None and factors.get(p) is not None)
-
-
 def _combined_norm(norms: Sequence[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of several tensors together, from their own L2 norms (0-dim each)."""
     if not norms:
@@ -295,11 +291,11 @@ def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options
     if options.lr is not None:
         for group in optimizer.param_groups:
             group["lr"] = options.lr
-    stepped = [p for p in params if _has_grad(p, factors)]
+    stepped = [p for p in params if has_gradient(p, factors)]
     if before is not None:
         if len(before) != len(params):
             raise ValueError(f"{len(before)} pre-step copies for {len(params)} parameters")
-        before = [b for p, b in zip(params, before) if _has_grad(p, factors)]
+        before = [b for p, b in zip(params, before) if has_gradient(p, factors)]
     elif options.measure_update or options.max_update_norm is not None:
         before = [p.detach().clone() for p in stepped]
     try:
