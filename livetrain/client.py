@@ -4,12 +4,20 @@ posts token ids to ``/train``, exactly as the served model will see them.
     client = TrainingClient("http://127.0.0.1:8000", admin_token="...")
     client.teach("What is 2 + 2?", "You are asking for a sum. 2 + 2 = 4.")
     client.train_jsonl("examples.jsonl", epochs=1)
+
+Every ``POST`` carries an ``Idempotency-Key`` of its own, and is retried with that key
+when the server answers 429, 503 or 504 (or the connection fails): the server runs a
+retried request at most once, so a step that timed out but was applied is not applied
+again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -19,15 +27,31 @@ from livetrain.train.data import (Example, PreferenceExample, SFTExample, load_j
                                   tokenize_prompt_completion)
 from livetrain.worker.loop import TrainingSummary, run_epochs
 
+log = logging.getLogger(__name__)
+# Answers after which a request with an idempotency key can be sent again: it ran nothing,
+# or it may still run and the server replays its outcome to the retry.
+RETRIED_STATUSES = frozenset({429, 503, 504})
+RETRIED_CODES = frozenset({"idempotent_request_in_progress"})
+MAX_RETRY_WAIT_S = 30.0
+
 
 class LivetrainError(RuntimeError):
-    """The server refused or failed a request (OpenAI error fields, HTTP status, request id)."""
+    """The server refused or failed a request (OpenAI error fields, HTTP status, request id),
+    or could not be reached (``status`` None)."""
 
-    def __init__(self, status: int, message: str, type: str | None = None, code: str | None = None,
+    def __init__(self, status: int | None, message: str, type: str | None = None, code: str | None = None,
                  param: str | None = None, request_id: str | None = None) -> None:
-        super().__init__(f"HTTP {status}: {message}" + (f" (request {request_id})" if request_id else ""))
+        super().__init__((f"HTTP {status}: " if status is not None else "") + message
+                         + (f" (request {request_id})" if request_id else ""))
         self.status, self.message, self.type = status, message, type
         self.code, self.param, self.request_id = code, param, request_id
+
+
+class ServerUnreachable(LivetrainError):
+    """Nothing answered: nothing listens at the URL, or the connection failed on every try."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, message)
 
 
 class TrainingClient:
@@ -36,13 +60,15 @@ class TrainingClient:
     ``tokenizer``: a Hugging Face tokenizer or a path to load one from; by default the
     tokenizer of the served model directory (read from ``GET /train/status``, so the
     client must then run on the server's machine). ``http_client``: an ``httpx.Client``
-    to use instead of a new one (tests pass FastAPI's ``TestClient``).
+    to use instead of a new one (tests pass FastAPI's ``TestClient``). ``retries``: how
+    many times a request is sent again after a retryable answer (see the module).
     """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, admin_token: str | None = None,
                  tokenizer: Any = None, timeout_s: float = 330.0,
-                 http_client: httpx.Client | None = None) -> None:
+                 http_client: httpx.Client | None = None, retries: int = 4) -> None:
         self._headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+        self.retries = retries
         self._http = http_client or httpx.Client(base_url=base_url, timeout=timeout_s)
         self._tokenizer = tokenizer
 
@@ -123,15 +149,49 @@ class TrainingClient:
         return None if raw else self.tokenizer
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = self._http.request(method, path, json=body, headers=self._headers)
-        if response.is_success:
-            return response.json()
-        try:
-            error = response.json()["error"]
-        except (ValueError, KeyError, TypeError):
-            error = {"message": response.text or response.reason_phrase}
-        raise LivetrainError(response.status_code, error.get("message", ""), error.get("type"),
-                             error.get("code"), error.get("param"), response.headers.get("x-request-id"))
+        headers = dict(self._headers)
+        if method == "POST":
+            headers["Idempotency-Key"] = uuid.uuid4().hex  # one per logical request; retries reuse it
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(method, path, json=body, headers=headers)
+            except httpx.TransportError as exc:
+                # Nothing listening on the first try: a wrong URL or a server not started.
+                if attempt == self.retries or (attempt == 0 and isinstance(exc, httpx.ConnectError)):
+                    raise ServerUnreachable(f"cannot reach {self._http.base_url} ({type(exc).__name__}: {exc}); "
+                                            "is `livetrain serve` running there?") from exc
+                why, wait_s = f"{type(exc).__name__}: {exc}", min(2.0 ** attempt, MAX_RETRY_WAIT_S)
+            else:
+                if response.is_success:
+                    return response.json()
+                error = _error(response)
+                if attempt == self.retries or not (response.status_code in RETRIED_STATUSES
+                                                   or error.code in RETRIED_CODES):
+                    raise error
+                why, wait_s = f"HTTP {response.status_code}: {error.message}", _retry_after(response, attempt)
+            attempt += 1
+            log.warning("%s %s: %s; sending it again in %.0f s with the same idempotency key (retry %d of %d)",
+                        method, path, why, wait_s, attempt, self.retries)
+            time.sleep(wait_s)
+
+
+def _error(response: httpx.Response) -> LivetrainError:
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        error = {"message": response.text or response.reason_phrase}
+    return LivetrainError(response.status_code, error.get("message", ""), error.get("type"),
+                          error.get("code"), error.get("param"), response.headers.get("x-request-id"))
+
+
+def _retry_after(response: httpx.Response, attempt: int) -> float:
+    """The server's ``Retry-After`` (seconds), else an exponential backoff; capped."""
+    try:
+        wait_s = float(response.headers["retry-after"])
+    except (KeyError, ValueError):
+        wait_s = 2.0 ** attempt
+    return min(max(wait_s, 0.0), MAX_RETRY_WAIT_S)
 
 
 def _wire(example: Example) -> dict[str, Any]:

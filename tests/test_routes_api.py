@@ -71,7 +71,7 @@ def test_malformed_bodies_get_openai_shaped_400s(served):
     assert "continuation_ids" in response.json()["error"]["message"]
     response = post(http, "/train", {"examples": [wire(example(0))], "loss": "ppo"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "loss"
-    response = http.post("/train", content=b"{not json", headers=AUTH)
+    response = http.post("/train", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"})
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
 
 

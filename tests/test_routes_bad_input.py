@@ -66,6 +66,10 @@ BAD_REQUESTS = [
      400, "finite number", "lr"),
     ("negative lr", "/train", body(examples=[GOOD], lr=-1e-3), 400, "greater than 0", "lr"),
     ("lr as a string", "/train", body(examples=[GOOD], lr="fast"), 400, "valid number", "lr"),
+    ("lr as a numeric string", "/train", body(examples=[GOOD], lr="1e-4"), 400, "valid number", "lr"),
+    ("dry_run as a word", "/train", body(examples=[GOOD], dry_run="yes"), 400, "valid boolean", "dry_run"),
+    ("JSON nested too deeply", "/train", b"[" * 100_000 + b"]" * 100_000, 400, "too deeply", None),
+    ("rollback: JSON nested too deeply", "/rollback", b'{"generation": ' + b"[" * 100_000, 400, "too deeply", None),
     ("zero timeout", "/train", body(examples=[GOOD], timeout_s=0), 400, "greater than 0", "timeout_s"),
     ("unknown field", "/train", body(examples=[GOOD], learning_rate=1e-3), 400, "Extra inputs", "learning_rate"),
     ("too many examples", "/train", body(examples=[GOOD] * (LIMITS.max_examples + 1)), 400,
@@ -222,7 +226,7 @@ def test_refreshes_of_the_served_weights_never_overlap(tmp_path, tokenizer_dir):
     app = FastAPI()
     app.include_router(router)
     try:
-        with TestClient(app) as http:
+        with TestClient(app, base_url="http://127.0.0.1:8000") as http:  # no token: a loopback Host
             routes = TrainingRoutes(WorkerConnection(process.address), on_weights_changed=on_weights_changed)
             routes.install(app.state)
             from concurrent.futures import ThreadPoolExecutor

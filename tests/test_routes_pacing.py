@@ -151,7 +151,7 @@ def routes_app(duty: float) -> tuple[FastAPI, StepPacer, FakeTime, StepWorker]:
 def test_train_requests_are_paced_and_status_reports_it():
     app, pacer, fake, worker = routes_app(0.5)
     example = {"examples": [{"context_ids": [1, 2, 3], "continuation_ids": [4, 5]}]}
-    with TestClient(app) as http:
+    with TestClient(app, base_url="http://127.0.0.1:8000") as http:
         pacer.generation_started()
         for _ in range(2):
             assert http.post("/train", json=example).status_code == 200
@@ -166,7 +166,7 @@ def test_train_requests_are_paced_and_status_reports_it():
 def test_a_step_whose_turn_would_come_after_its_timeout_gets_504_and_never_runs():
     app, pacer, fake, worker = routes_app(0.25)
     example = {"context_ids": [1, 2, 3], "continuation_ids": [4, 5]}
-    with TestClient(app) as http:
+    with TestClient(app, base_url="http://127.0.0.1:8000") as http:
         pacer.generation_started()
         assert http.post("/train", json={"examples": [example]}).status_code == 200
         # The 1 s step is followed by a 3 s pause while generating: a 2 s timeout cannot be met.

@@ -28,15 +28,17 @@ from tests.session_helpers import example, free_port, wire
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 TOKEN = "serve-failures-token"
+ALLOWED_ORIGIN = "http://allowed.example"
 ROUTES = [("POST", "/train"), ("POST", "/train/logprobs"), ("GET", "/train/status"),
           ("POST", "/checkpoint"), ("GET", "/checkpoint"), ("POST", "/rollback")]
 
 
 
 def call(base: str, method: str, path: str, body: dict | None = None, token: str | None = TOKEN,
-         timeout: float = 300) -> tuple[int, dict, dict]:
+         timeout: float = 300, headers: dict[str, str] | None = None,
+         content_type: str = "application/json") -> tuple[int, dict, dict]:
     """(status, JSON body, headers) of one request; HTTP errors are returned, not raised."""
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": content_type, **(headers or {})}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     data = None if method == "GET" else json.dumps(body or {}).encode()
@@ -100,7 +102,8 @@ def test_worker_and_vllm_deaths(tmp_path, tokenizer_dir, monkeypatch, killed_vll
     monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
     model_dir = write_vllm_tiny_model(tmp_path / "model", "llama", tokenizer_dir)
     options = ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0, trainer_cores=1,
-                           vllm_args=("--enforce-eager", "--max-model-len", "256"))
+                           vllm_args=("--enforce-eager", "--max-model-len", "256",
+                                      "--allowed-origins", json.dumps([ALLOWED_ORIGIN])))
     messages: list[str] = []
     server = LiveServer(options, say=messages.append)
     server.start()
@@ -115,9 +118,17 @@ def test_worker_and_vllm_deaths(tmp_path, tokenizer_dir, monkeypatch, killed_vll
                                {"model": str(model_dir), "prompt": "hi", "max_tokens": 10**6}, token=None)
         assert status == 400 and "error" in body
 
-        for i in range(2):
-            status, body, _ = call(base, "POST", "/train", train_body(i))
-            assert status == 200 and body["applied"], body
+        # With a token: a page from an origin vLLM allows may train, under any Host name
+        # (a proxy's); another origin may not, token or not.
+        status, body, _ = call(base, "POST", "/train", train_body(0),
+                               headers={"Origin": ALLOWED_ORIGIN, "Host": "llm.example.com"})
+        assert status == 200 and body["applied"], body
+        status, body, _ = call(base, "POST", "/train", train_body(1), headers={"Origin": "http://evil.example"})
+        assert status == 403 and body["error"]["code"] == "origin_not_allowed", body
+        status, body, _ = call(base, "POST", "/train", train_body(1), content_type="text/plain")
+        assert status == 415, body
+        status, body, _ = call(base, "POST", "/train", train_body(1))
+        assert status == 200 and body["applied"], body
         # No sync since: the optimizer state and weights version of both steps live beside
         # the shared copy, so a new worker resumes from them.
 

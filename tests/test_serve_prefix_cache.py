@@ -58,6 +58,11 @@ def test_middleware_salts_generation_routes_after_the_first_refresh_only():
     assert headers[b"content-length"] == str(len(salted)).encode()
 
 
+def test_middleware_passes_bodies_python_cannot_parse_to_vllm_unchanged():
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"messages": ' + b"[" * 100_000, b"\xff{", b"[1]"):
+        assert through_middleware(3, "/v1/chat/completions", body)[0] == body
+
+
 def metric(base: str, name: str) -> float:
     """The sum of a Prometheus counter over its label sets."""
     with urllib.request.urlopen(base + "/metrics", timeout=60) as response:

@@ -17,13 +17,15 @@ Seconds = Field(default=300.0, gt=0, le=3600, description="wait at most this lon
 class RequestLimits:
     """What one request to the training routes may ask for; more gets a 4xx.
 
-    ``max_body_bytes``: the JSON body (413 beyond). ``max_examples``: examples per
+    ``max_body_bytes``: the JSON body (413 beyond). ``body_timeout_s``: the most time
+    the body may take to arrive after the headers (408 beyond). ``max_examples``: examples per
     ``/train``. ``max_tokens_per_example``: context + continuation (or + chosen +
     rejected). ``max_tokens_per_request``: summed over the request's examples (the
     step's activation memory grows with it).
     """
 
     max_body_bytes: int = 8 * 2**20
+    body_timeout_s: float = 60.0
     max_examples: int = 64
     max_tokens_per_example: int = 8192
     max_tokens_per_request: int = 32768
@@ -47,7 +49,9 @@ class RequestLimits:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: a value of the wrong JSON type ("lr": "1e-4", "dry_run": "yes") is refused
+    # rather than coerced (an integer still counts as a number).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class ExampleBody(_Body):

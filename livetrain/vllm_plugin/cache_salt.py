@@ -64,15 +64,16 @@ def served_salt(client_salt: object, refreshes: int) -> object:
 
 def salted_body(body: bytes, refreshes: int) -> bytes:
     """``body`` with its ``cache_salt`` set by `served_salt`; a body that is not a JSON
-    object comes back unchanged (vLLM answers it as it would have)."""
+    object, or that Python's parser cannot take (e.g. nested too deeply), comes back
+    unchanged, so vLLM answers it exactly as it would have."""
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+        if not isinstance(request, dict):
+            return body
+        request["cache_salt"] = served_salt(request.get("cache_salt"), refreshes)
+        return json.dumps(request).encode()
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return body
-    if not isinstance(request, dict):
-        return body
-    request["cache_salt"] = served_salt(request.get("cache_salt"), refreshes)
-    return json.dumps(request).encode()
 
 
 class PrefixCacheSalt:

@@ -99,7 +99,8 @@ class LivetrainEndpointPlugin:
         app.add_middleware(GenerationCount, pacer=training_pacer)
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
-        """Check the access rule, export the weights, and install the routes' dependencies.
+        """Check the access rule, export the weights, and install the routes' dependencies
+        (with vLLM's ``--allowed-origins``, which the routes' cross-site checks follow).
 
         The training worker is reached at ``LIVETRAIN_WORKER_ADDRESS``; connecting is lazy,
         so the worker may start after vLLM (it maps the shared copy made here).
@@ -125,4 +126,5 @@ class LivetrainEndpointPlugin:
 
         token = settings.admin_token_file.read_text().strip() if settings.admin_token_file else None
         TrainingRoutes(worker=WorkerConnection(settings.worker_address), admin_token=token,
-                       on_weights_changed=refresh, pacer=StepPacer(settings.trainer_duty)).install(state)
+                       on_weights_changed=refresh, pacer=StepPacer(settings.trainer_duty),
+                       allowed_origins=getattr(args, "allowed_origins", None) or ()).install(state)

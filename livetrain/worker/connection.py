@@ -25,6 +25,7 @@ from livetrain.worker.protocol import WorkerError
 log = logging.getLogger(__name__)
 CONNECT_GRACE_S = 1.0  # a request waits this long for a handshake before it is refused
 LIVENESS_POLL_S = 0.25
+SEND_TIMEOUT_S = 5.0  # a connected worker takes a request at once; longer means it is stuck
 
 
 def _timeout_error(op: str, request_id: str, timeout_s: float) -> WorkerError:
@@ -37,13 +38,14 @@ def _timeout_error(op: str, request_id: str, timeout_s: float) -> WorkerError:
 class WorkerConnection:
     """An asyncio client of one training worker; create and use it on one event loop.
 
-    ``on_late_reply``: called (on the event loop) with the result of a request whose
-    caller had already timed out, e.g. a step that was applied after its 504.
+    ``on_late_reply``: called (on the event loop) with the request id and the reply of a
+    request whose caller had already timed out, e.g. a step that was applied after its
+    504 (or a queued request the worker dropped at its deadline).
     """
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.on_late_reply: Callable[[dict[str, Any]], None] | None = None
+        self.on_late_reply: Callable[[str, dict[str, Any]], None] | None = None
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -70,6 +72,12 @@ class WorkerConnection:
                 self.connected = False
                 self._disconnects += 1
 
+    @property
+    def disconnects(self) -> int:
+        """How many times the worker went away so far (a restarted worker is a new one)."""
+        self._read_events()
+        return self._disconnects
+
     async def _wait_connected(self, op: str) -> None:
         self._read_events()
         waited = 0.0
@@ -87,7 +95,9 @@ class WorkerConnection:
         """Send one request and wait for its result; raises ``WorkerError``.
 
         The worker is told the deadline, so a request still queued when it passes is
-        dropped there instead of running after its caller gave up.
+        dropped there instead of running after its caller gave up. A request that was sent
+        is always answered (its result, or that it was dropped), even after its caller
+        timed out: that answer goes to ``on_late_reply``.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -99,7 +109,12 @@ class WorkerConnection:
         self._pending[message["id"]] = future
         disconnects = self._disconnects
         try:
-            await asyncio.wait_for(self._socket.send(protocol.encode(message)), max(deadline - loop.time(), 0))
+            try:
+                await asyncio.wait_for(self._socket.send(protocol.encode(message)), SEND_TIMEOUT_S)
+            except asyncio.TimeoutError:  # the request never left: nothing will run it
+                raise WorkerError(f"the training worker did not take {op} request {message['id']} within "
+                                  f"{SEND_TIMEOUT_S:g} s, so it was not sent; retry in a few seconds",
+                                  protocol.UNAVAILABLE, code="worker_busy") from None
             while not future.done():
                 left = deadline - loop.time()
                 if left <= 0:
@@ -131,8 +146,8 @@ class WorkerConnection:
             future = self._pending.get(reply.get("id"))
             if future is not None and not future.done():
                 future.set_result(reply)
-            elif reply.get("ok") and self.on_late_reply is not None:
-                self.on_late_reply(reply["result"])
+            elif future is None and self.on_late_reply is not None:
+                self.on_late_reply(reply.get("id"), reply)
             else:
                 log.info("dropping a late reply for request %s", reply.get("id"))
 
