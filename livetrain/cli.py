@@ -22,6 +22,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from livetrain.client import LivetrainError
     from livetrain.cpus import CoreSplitError
     from livetrain.default_model import DefaultModelMissing
+    from livetrain.leftovers import PortInUse
     from livetrain.train.data import DataFormatError
     from livetrain.train.step import InvalidExampleError
     from livetrain.vllm_plugin.launcher import UnsupportedVllmConfig, VllmStartError
@@ -29,7 +30,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from livetrain.checkpoint import DirectoryInUse
 
     return (UsageError, VllmStartError, UnsupportedVllmConfig, AccessRuleError, CheckpointError, LivetrainError, DefaultModelMissing, DataFormatError,
-            InvalidExampleError, DirectoryInUse, CoreSplitError, FileNotFoundError, FileExistsError)
+            InvalidExampleError, DirectoryInUse, CoreSplitError, PortInUse, FileNotFoundError, FileExistsError)
 
 
 def print_json(data) -> None:

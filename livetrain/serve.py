@@ -2,9 +2,15 @@
 
 Start-up order: vLLM and the training worker's imports side by side; once vLLM is ready
 (its worker extension has made the shared copy of the served weights) the worker is told
-to go, maps that copy and owns the directory. On
-stop the worker syncs the checkpoint before the shared copy is removed, so nothing
-applied is lost. CPU resources are set explicitly: vLLM's KV cache (its default is
+to go, maps that copy and owns the directory. On stop the worker syncs the checkpoint,
+then vLLM stops, and the shared copy is removed only once everything applied is in the
+directory: when that could not be (the worker was killed first) it is kept, and the next
+server on the directory serves it and syncs it, so nothing applied is lost. Both children
+die with the supervisor: the worker syncs and exits when orphaned, and vLLM, in a
+process group of its own, is stopped by its plugin (`livetrain.vllm_plugin.supervision`).
+What a server that did not stop cleanly left behind is found at start
+(`livetrain.leftovers`); docs/deploy.md says how to run it under systemd or in a
+container. CPU resources are set explicitly: vLLM's KV cache (its default is
 0.9 x RAM) and the cores (`livetrain.cpus`): by default vLLM binds its threads as it would
 alone and the trainer runs one thread on the cycles vLLM leaves idle; ``trainer_cores``
 N > 0 gives the trainer the last N cores to itself instead.
@@ -24,16 +30,18 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from livetrain.cpus import core_layout, format_cpus
+from livetrain.leftovers import check_port_free, remove_stale_runtime_dirs, wait_for_orphaned_lock_holder
 from livetrain.vllm_plugin.launcher import VllmLaunch, check_supported, start_vllm, stop_vllm, wait_until_ready
 from livetrain.vllm_plugin.plugins import check_access_rule
 from livetrain.vllm_plugin.settings import PluginSettings
 from livetrain.weights import remove_shared_copy
 from livetrain.checkpoint.lock import STATE_DIRNAME, DirectoryLock
-from livetrain.worker.process import WorkerProcess, new_runtime_dir, worker_address
+from livetrain.worker.process import ABANDONED_MARK, SYNCED_MARK, WorkerProcess, new_runtime_dir, worker_address
 from livetrain.worker.session import DEFAULT_TRAIN_MODULES
 
 ADMIN_TOKEN_ENV = "LIVETRAIN_ADMIN_TOKEN"
 WORKER_READY_TIMEOUT_S = 300.0
+SUPERVISE_POLL_S = 0.2
 
 
 @dataclass
@@ -75,6 +83,11 @@ class LiveServer:
         self.vllm: subprocess.Popen | None = None
         self.worker: WorkerProcess | None = None
         self.worker_restarts = 0
+        # Whether the shared copy may hold applied steps the directory lacks (left by a server
+        # that stopped before syncing, or trained by a worker): unless the worker marked it
+        # synced, `stop` then keeps it for the next server on the directory. None until the
+        # start-up check of the directory's lock: a copy seen before may be another server's.
+        self.copy_unsynced: bool | None = None
         self.cores = core_layout(options.trainer_cores)
         self._stop: dict[str, int | None] | None = None  # the signal state while handlers are installed
 
@@ -83,7 +96,8 @@ class LiveServer:
         return f"http://{self.options.host}:{self.options.port}"
 
     def start(self) -> float:
-        """Start both sides; returns the seconds until both were ready."""
+        """Start both sides; returns the seconds until both were ready, or until a stop
+        signal (while `serve` handles them) cut the start short."""
         started = time.monotonic()
         options = self.options
         if not (self.model_dir / "config.json").is_file():
@@ -97,8 +111,20 @@ class LiveServer:
                                   consistent_updates=options.consistent_updates,
                                   trainer_duty=options.trainer_duty)
         check_access_rule(options.host, settings)
-        # Fail now, not after vLLM's start-up, if another process owns the directory.
+        # Fail now, not after vLLM's start-up, if another process owns the directory or the
+        # port; the training worker of a server that was killed is given time to sync first.
+        wait_for_orphaned_lock_holder(self.model_dir, self.say)
         DirectoryLock(self.model_dir, "livetrain serve (start-up check)").release()
+        if (self.shm_dir / SYNCED_MARK).exists():
+            remove_shared_copy(self.shm_dir)
+            self.say(f"removed {self.shm_dir}, already synced by a server on this directory that is gone")
+        self.copy_unsynced = self.shm_dir.exists()
+        check_port_free(options.host, options.port)
+        for path in remove_stale_runtime_dirs():
+            self.say(f"removed {path}, left behind by a livetrain process that is gone")
+        if self.copy_unsynced:
+            self.say(f"found {self.shm_dir}: the served weights of a server on this directory that stopped "
+                     f"before syncing them; serving them, and syncing them into {self.model_dir}")
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.launch = VllmLaunch(self.model_dir, settings, host=options.host, port=options.port,
@@ -111,9 +137,12 @@ class LiveServer:
         # The worker imports while vLLM starts, and opens the weights once vLLM has exported them.
         self.worker = self._spawn_worker(wait_for_go=True)
         self.vllm = start_vllm(self.launch, vllm_log)
-        seconds = wait_until_ready(self.launch, self.vllm, vllm_log)
+        seconds = wait_until_ready(self.launch, self.vllm, vllm_log, interrupted=self._stop_requested)
+        if seconds is None:
+            return time.monotonic() - started  # a stop signal arrived: `serve` stops at once
         self.say(f"vLLM ready after {seconds:.0f} s; waiting for the training worker")
         self.worker.go()
+        self.copy_unsynced = True  # the worker may apply steps to it from now on
         self.worker.wait_ready(WORKER_READY_TIMEOUT_S)
         total = time.monotonic() - started
         self.say(f"ready after {total:.0f} s: OpenAI API at {self.base_url}/v1, "
@@ -178,14 +207,25 @@ class LiveServer:
                 status = self.check()
                 if status is not None:
                     return status
-                time.sleep(0.5)
+                time.sleep(SUPERVISE_POLL_S)
             self.say("stopping: syncing the checkpoint, then stopping vLLM")
             return 0
+
+    def _copy_synced(self) -> bool:
+        """Whether the shared copy holds nothing the directory lacks: this server's, and never
+        trained, or marked synced by the last worker that trained it."""
+        if self.copy_unsynced is None:
+            return False
+        return not self.copy_unsynced or (self.shm_dir / SYNCED_MARK).exists()
+
+    def _stop_requested(self) -> bool:
+        return self._stop is not None and self._stop["signal"] is not None
 
     @contextlib.contextmanager
     def _signals_stop(self) -> Iterator[dict[str, int | None]]:
         """SIGINT/SIGTERM set ``stop["signal"]``; a second one ends vLLM and this process at
-        once (the worker, orphaned, finishes its step and syncs; syncs are crash-consistent).
+        once (the worker, orphaned, finishes its step, syncs, and removes the shared copy and
+        the runtime directory; syncs are crash-consistent).
         Nested uses share the outermost one's state, so a signal counts as the first or the
         second wherever it arrives (e.g. during the clean stop after `supervise` returned)."""
         if self._stop is not None:
@@ -198,10 +238,14 @@ class LiveServer:
                 if self.vllm is not None:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(self.vllm.pid, signal.SIGKILL)
-                # The worker keeps its mapping of the shared copy until it has synced.
-                remove_shared_copy(self.shm_dir)
+                # Whoever finishes last cleans up: this process, if the worker has marked the copy
+                # synced; else the worker, after its sync, finding the mark left here first.
                 if self.runtime_dir is not None:
-                    shutil.rmtree(self.runtime_dir, ignore_errors=True)
+                    (self.runtime_dir / ABANDONED_MARK).touch()
+                if self._copy_synced():
+                    remove_shared_copy(self.shm_dir)
+                    if self.runtime_dir is not None:
+                        shutil.rmtree(self.runtime_dir, ignore_errors=True)
                 os._exit(128 + signum)
             stop["signal"] = signum
 
@@ -214,17 +258,32 @@ class LiveServer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def stop(self) -> None:
-        """Stop the worker first (it syncs), then vLLM; remove the shared copy and the runtime dir."""
+    def stop(self) -> bool:
+        """Stop the training worker (it finishes its step and syncs), then vLLM; remove the
+        runtime directory, and the shared copy once everything applied is in the directory.
+        Returns whether it is: if not (the worker was killed before it synced), the shared
+        copy is kept and the next `livetrain serve` on the directory serves it and syncs it.
+
+        vLLM stops second, although the worker's sync does not need it: a /train request
+        whose step the worker finishes during the stop still has its refresh of the served
+        weights to make through vLLM's engine, which vLLM's own stop would abort."""
         if self.worker is not None:
-            self.worker.stop()
+            status = self.worker.stop()
+            if status != 0:
+                self.say(f"the training worker exited with status {status} (log: {self.log_dir / 'worker.log'})")
             self.worker = None
         if self.vllm is not None:
             stop_vllm(self.vllm)
             self.vllm = None
-        remove_shared_copy(self.shm_dir)
+        kept = bool(self.copy_unsynced) and self.shm_dir.exists() and not self._copy_synced()
+        if kept:
+            self.say(f"kept {self.shm_dir}: the served weights, with applied steps that are not in {self.model_dir}; "
+                     f"the next `livetrain serve --model {self.model_dir}` serves them and syncs them")
+        elif self.copy_unsynced is not None:
+            remove_shared_copy(self.shm_dir)
         if self.runtime_dir is not None:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        return not kept
 
     def __enter__(self) -> "LiveServer":
         try:
@@ -239,13 +298,14 @@ class LiveServer:
 
 
 def serve(options: ServeOptions) -> int:
-    """Run until Ctrl-C or SIGTERM; the exit status of `livetrain serve`."""
+    """Run until Ctrl-C or SIGTERM; the exit status of `livetrain serve` (1 if vLLM died, or if
+    applied steps could not be synced and were kept for the next server)."""
     server = LiveServer(options)
     with server._signals_stop() as stop:  # also while starting and while stopping
         try:
             server.start()
             status = 0 if stop["signal"] is not None else server.supervise()
         finally:
-            server.stop()
-    return status
+            synced = server.stop()
+    return status if synced else 1
 

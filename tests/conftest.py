@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Built once and reused across test runs (init_default is idempotent).
 CACHE = Path(os.environ.get("LIVETRAIN_TEST_CACHE", REPO / ".cache"))
 
+from livetrain.procfs import mapped_shm_files  # noqa: E402
 from tests.tiny_models import TINY_ARCHS, write_tiny_model  # noqa: E402
 
 
@@ -73,12 +74,5 @@ def killed_vllm_segments_removed():
     up): segments that are new since the test began and mapped by no live process."""
     before = _vllm_segments()
     yield
-    mapped: set[str] = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            mapped.update(line.split(None, 5)[-1].strip() for line in maps.read_text().splitlines()
-                          if "/dev/shm/" in line)
-        except OSError:
-            continue
-    for path in _vllm_segments() - before - mapped:
+    for path in _vllm_segments() - before - mapped_shm_files():
         Path(path).unlink(missing_ok=True)

@@ -60,7 +60,7 @@ def start_serve(tmp_path, tokenizer_dir) -> tuple[subprocess.Popen, str, Path, s
     serve = subprocess.Popen([sys.executable, "-c", SERVE, str(model_dir), str(port)], stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
-    while "ready after" not in (tmp_path / "serve.log").read_text():
+    while "OpenAI API at" not in (tmp_path / "serve.log").read_text():  # both sides ready (not "vLLM ready after")
         if serve.poll() is not None or time.monotonic() > deadline:
             serve.kill()
             pytest.fail((tmp_path / "serve.log").read_text())

@@ -59,6 +59,19 @@ def test_environment_appends_livetrain_to_vllm_plugins_and_sets_cpu_resources(tm
     assert users_binding["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
 
 
+def test_waiting_for_vllm_ends_as_soon_as_a_stop_is_asked_for(tmp_path):
+    import subprocess
+    import sys
+
+    never_ready = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        launch = VllmLaunch(tmp_path, PluginSettings(shm_dir=tmp_path / "livetrain-x"), port=free_port())
+        assert wait_until_ready(launch, never_ready, tmp_path / "vllm.log", interrupted=lambda: True) is None
+    finally:
+        never_ready.kill()
+        never_ready.wait()
+
+
 def test_training_routes_are_loopback_only_without_an_admin_token(tmp_path):
     open_settings = PluginSettings(shm_dir=Path("/dev/shm/livetrain-x"))
     for host in ("127.0.0.1", "::1", "localhost"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import stat
 import threading
@@ -216,26 +217,145 @@ def test_an_orphaned_worker_syncs_and_exits(tmp_path, tokenizer_dir):
     digest = files_digest(model_dir)
     launcher = (f"import json, sys\n"
                 f"from livetrain.worker.process import WorkerProcess\n"
-                f"w = WorkerProcess.start({str(model_dir)!r}, threads=1)\n"
+                f"w = WorkerProcess.start({str(model_dir)!r}, threads=1, log_path={str(tmp_path / 'worker.log')!r})\n"
                 f"w.request('train', {{'examples': [{wire(example(0))!r}]}})\n"
                 f"print(w.popen.pid, w.runtime_dir, flush=True)\n")  # exits without stopping the worker
     out = subprocess.run([sys.executable, "-c", launcher], check=True, capture_output=True, text=True)
     pid, runtime_dir = out.stdout.split()[-2:]
-    pid = int(pid)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        os.kill(pid, 9)
-        pytest.fail("the orphaned worker did not exit")
+    wait_until_gone(int(pid))
     assert files_digest(model_dir) != digest
     with TrainingSession.open(model_dir):
         pass
-    shutil.rmtree(runtime_dir)  # the launcher's, which it left behind when it exited
+    assert not Path(runtime_dir).exists()  # nobody else would remove it: the worker did
+
+
+@pytest.fixture
+def served_copy(tiny_model_dir):
+    """A tiny bf16 model directory and a shared copy of its weights in vLLM's layout (as
+    `livetrain serve` has them), removed afterwards if still there."""
+    import torch
+
+    from livetrain.weights import create_shared_copy
+    from tests.tiny_models import build_tiny_model
+    from tests.vllm_layouts import expected_layout
+
+    model_dir = tiny_model_dir("llama", dtype=torch.bfloat16)
+    shared = Path(f"/dev/shm/livetrain-test-worker-{os.getpid()}")
+    create_shared_copy(model_dir, expected_layout(build_tiny_model("llama").to(torch.bfloat16)), shared)
+    yield model_dir, shared
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_an_orphaned_worker_on_a_shared_copy_syncs_it_then_removes_it(served_copy, tmp_path):
+    """The supervisor of `livetrain serve` is SIGKILLed: its worker syncs the served weights,
+    and removes them and its runtime directory, since nobody else will."""
+    import subprocess
+    import sys
+
+    from livetrain.checkpoint.commands import checkpoint_verify
+
+    model_dir, shared = served_copy
+    digest = files_digest(model_dir)
+    launcher = (f"import os, signal\n"
+                f"from livetrain.worker.process import WorkerProcess\n"
+                f"w = WorkerProcess.start({str(model_dir)!r}, threads=1, lr=1e-2, shared_copy={str(shared)!r},\n"
+                f"                        log_path={str(tmp_path / 'worker.log')!r})\n"
+                f"assert w.request('train', {{'examples': [{wire(example(0))!r}]}})['applied']\n"
+                f"print(w.popen.pid, w.runtime_dir, flush=True)\n"
+                f"os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True)
+    pid, runtime_dir = out.stdout.split()[-2:]
+    wait_until_gone(int(pid))
+    assert files_digest(model_dir) != digest and checkpoint_verify(model_dir)["ok"]
+    assert not shared.exists() and not Path(runtime_dir).exists()
+
+
+def test_the_worker_marks_its_synced_copy_and_cleans_up_when_its_starter_leaves_first(served_copy):
+    """`livetrain serve` exits at a second signal without waiting for the worker: whichever
+    of the two finishes last removes the shared copy, once it is synced."""
+    from livetrain.worker.process import ABANDONED_MARK, SYNCED_MARK
+
+    model_dir, shared = served_copy
+    worker = WorkerProcess.start(model_dir, shared_copy=shared, threads=1, lr=1e-2)
+    assert worker.request("train", {"examples": [wire(example(0))]})["applied"]
+    assert not (shared / SYNCED_MARK).exists()
+    assert worker.stop() == 0
+    assert (shared / SYNCED_MARK).exists()  # synced: its starter may remove it
+
+    worker = WorkerProcess.start(model_dir, shared_copy=shared, threads=1, lr=1e-2)
+    assert not (shared / SYNCED_MARK).exists()  # a new worker may apply steps to it
+    assert worker.request("train", {"examples": [wire(example(1))]})["applied"]
+    (worker.runtime_dir / ABANDONED_MARK).touch()  # its starter leaves without cleaning up
+    assert worker.stop() == 0
+    assert not shared.exists()  # synced, then removed by the worker
+
+
+def wait_until_gone(pid: int) -> None:
+    """Wait (up to a minute) until ``pid`` has exited; print how long it took."""
+    from livetrain import procfs
+
+    started = time.monotonic()
+    while procfs.running(pid):
+        if time.monotonic() - started > 60:
+            os.kill(pid, 9)
+            pytest.fail("the orphaned worker did not exit")
+        time.sleep(0.05)
+    print(f"the orphaned worker exited {time.monotonic() - started:.1f} s after its launcher")
+
+
+# A stand-in worker: takes one request on the address argv[1] and exits without answering it,
+# as a worker that got its parent's signal too closes its socket, syncs and exits.
+TAKES_ONE_REQUEST_AND_EXITS = ("import sys, zmq\n"
+                               "socket = zmq.Context().socket(zmq.ROUTER)\n"
+                               "socket.bind(sys.argv[1])\n"
+                               "socket.recv_multipart()\n")
+
+
+def test_a_request_to_a_worker_that_exits_without_answering_fails_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    address = f"ipc://{tmp_path}/gone.sock"
+    process = subprocess.Popen([sys.executable, "-c", TAKES_ONE_REQUEST_AND_EXITS, address])
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as caught:
+        call_worker(address, "status", timeout_s=600, alive=lambda: process.poll() is None)
+    print(f"noticed {time.monotonic() - started:.2f} s after the request was sent")
+    assert caught.value.type == protocol.UNAVAILABLE and caught.value.code == "worker_stopped"
+    assert process.returncode == 0  # reaped by the liveness check
+
+
+def test_stop_notices_a_worker_that_exits_without_answering_its_shutdown_request(caplog):
+    """What `livetrain serve` met when the worker got the group's SIGTERM too: no wait for
+    an answer that cannot come, no SIGTERM, the exit status of a clean exit."""
+    import subprocess
+    import sys
+
+    from livetrain.worker.process import new_runtime_dir, worker_address
+
+    runtime_dir = new_runtime_dir()
+    popen = subprocess.Popen([sys.executable, "-c", TAKES_ONE_REQUEST_AND_EXITS, worker_address(runtime_dir)])
+    worker = WorkerProcess(popen, runtime_dir, owns_runtime_dir=True)
+    started = time.monotonic()
+    assert worker.stop(timeout_s=600) == 0
+    print(f"stop() returned {time.monotonic() - started:.2f} s after the shutdown request was sent")
+    assert "terminating" not in caplog.text and not runtime_dir.exists()
+
+
+def test_stop_reaps_a_worker_that_stopped_by_itself(tmp_path, tokenizer_dir, caplog):
+    """SIGTERM to the whole process group (Ctrl-C, systemd's default): the worker syncs and
+    exits by itself, and is a zombie when its parent asks it to shut down."""
+    from tests.session_helpers import tiny_dir
+
+    model_dir = tiny_dir(tmp_path / "model", tokenizer_dir)
+    digest = files_digest(model_dir)
+    process = WorkerProcess.start(model_dir, threads=1)
+    process.request("train", {"examples": [wire(example(0))]})
+    process.popen.terminate()
+    os.waitid(os.P_PID, process.popen.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+    assert process.stop(timeout_s=600) == 0
+    assert "terminating" not in caplog.text
+    assert files_digest(model_dir) != digest and not process.runtime_dir.exists()
 
 
 def test_a_garbage_reply_frame_does_not_stop_the_connection(tmp_path):
@@ -291,3 +411,21 @@ def test_worker_waiting_for_go_opens_nothing_until_told_and_exits_cleanly_if_nev
     assert told.wait_ready(120)["steps_applied"] == 0
     assert told.request("train", {"examples": [wire(example(0))]})["applied"]
     assert told.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_NICE)[0] < 20,
+                    reason="leaving SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE >= 20")
+def test_the_final_sync_leaves_idle_scheduling():
+    """A worker under SCHED_IDLE syncs at normal priority when it stops (whoever stops it waits)."""
+    import subprocess
+    import sys
+
+    check = ("import os, threading\n"
+             "from livetrain.worker.process import schedule_normally, schedule_when_idle\n"
+             "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+             "schedule_when_idle()\n"
+             "threads = [int(t) for t in os.listdir('/proc/self/task')]\n"
+             "assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_IDLE}\n"
+             "schedule_normally()\n"
+             "assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_OTHER}\n")
+    subprocess.run([sys.executable, "-c", check], check=True)

@@ -37,7 +37,7 @@ class DirectoryLock:
                 f"{self.model_dir} is in use by {who}; stop that process first "
                 "(or work on a copy of the directory)") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "holder": holder,
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "parent": os.getppid(), "holder": holder,
                                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
         self._fd: int | None = fd
 
@@ -57,9 +57,34 @@ class DirectoryLock:
         self.release()
 
 
-def _describe_holder(fd: int) -> str:
+def lock_holder(model_dir: str | os.PathLike) -> dict | None:
+    """Who holds the directory's lock: ``{pid, parent, holder, since}`` (``parent``: the pid
+    of the process that had started it when it took the lock), or None if nobody does."""
+    path = Path(model_dir) / STATE_DIRNAME / "lock"
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
     try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}") or None
+    except ValueError:
+        return None
+
+
+def _describe_holder(fd: int) -> str:
+    info = _read_holder(fd) or {}
+    try:
         return f"{info['holder']} (pid {info['pid']}, since {info['since']})"
-    except (ValueError, KeyError):
+    except KeyError:
         return "another livetrain process"

@@ -7,6 +7,7 @@ vllm.entrypoints.launchers.api_server.entry``): the ``vllm`` console script fail
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,16 +16,23 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from livetrain.cpus import parse_cpus
+from livetrain.procfs import command_line, group_members, mapped_shm_files
 from livetrain.vllm_plugin.extension import QUALNAME
 from livetrain.vllm_plugin.settings import BACKEND, PluginSettings
+from livetrain.vllm_plugin.supervision import SUPERVISOR_PID_ENV
 
 ENTRY_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 PLUGIN_NAME = "livetrain"
+GROUP_EXIT_POLL_S = 0.05
+ENGINE_GRACE_S = 3.0  # for vLLM's engine processes to exit once their API server is gone
+KILLED_EXIT_WAIT_S = 5.0
+RESOURCE_TRACKER = "multiprocessing.resource_tracker"  # in its command line
+MULTIPROCESSING_SEGMENTS = ("psm_", "sem.mp-")  # /dev/shm names of Python's shared memory and semaphores
 
 
 class VllmStartError(RuntimeError):
@@ -92,7 +100,8 @@ def vllm_command(launch: VllmLaunch, python: str = sys.executable) -> list[str]:
 def vllm_env(launch: VllmLaunch, base: Mapping[str, str] = os.environ) -> dict[str, str]:
     """vLLM's environment: ``livetrain`` appended to ``VLLM_PLUGINS`` (never replacing it: it is one
     allow-list for every plugin group), the CPU KV cache set explicitly, the thread binding when
-    ``launch.cpus`` names cores, and the plugin's settings."""
+    ``launch.cpus`` names cores, the plugin's settings, and this process's pid (vLLM stops when
+    this process is gone: `livetrain.vllm_plugin.supervision`)."""
     env = dict(base)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     if PLUGIN_NAME not in plugins:
@@ -106,6 +115,7 @@ def vllm_env(launch: VllmLaunch, base: Mapping[str, str] = os.environ) -> dict[s
         env["VLLM_CPU_OMP_THREADS_BIND"] = launch.cpus
         env["OMP_NUM_THREADS"] = str(len(parse_cpus(launch.cpus)))
     env.update(launch.settings.to_env())
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())
     return env
 
 
@@ -125,10 +135,14 @@ def start_vllm(launch: VllmLaunch, log_path: Path) -> subprocess.Popen:
         log.close()
 
 
-def wait_until_ready(launch: VllmLaunch, process: subprocess.Popen, log_path: Path, timeout_s: float = 300) -> float:
-    """Poll vLLM's ``/health`` until it answers; returns the seconds waited."""
+def wait_until_ready(launch: VllmLaunch, process: subprocess.Popen, log_path: Path, timeout_s: float = 300,
+                     interrupted: Callable[[], bool] = lambda: False) -> float | None:
+    """Poll vLLM's ``/health`` until it answers; returns the seconds waited, or None as soon
+    as ``interrupted()`` (e.g. a stop signal arrived while vLLM was starting)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
+        if interrupted():
+            return None
         if process.poll() is not None:
             raise VllmStartError(f"vLLM exited with {process.returncode}:\n{log_tail(log_path)}")
         try:
@@ -142,19 +156,50 @@ def wait_until_ready(launch: VllmLaunch, process: subprocess.Popen, log_path: Pa
 
 
 def stop_vllm(process: subprocess.Popen, timeout_s: float = 30) -> int:
-    """SIGTERM vLLM's process group, SIGKILL it if it has not exited after ``timeout_s``; returns the exit code."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # engine processes left behind by the API server
-    except ProcessLookupError:
-        pass
-    return process.returncode
+    """SIGTERM vLLM's process group and wait until every process of it has exited; SIGKILL
+    what is left after ``timeout_s``. Returns the API server's exit code.
+
+    vLLM's API server stops its engine processes before it exits; if it was killed
+    instead, they have nobody left to serve and get ``ENGINE_GRACE_S``, not the whole
+    timeout. Python's multiprocessing resource tracker (in the group, deaf to SIGTERM) is
+    left to exit by itself once the others are gone: it removes the shared memory they
+    leaked. If it was killed too (the whole group SIGKILLed), the multiprocessing segments
+    vLLM's processes mapped when the stop began are removed here, once nothing maps them.
+    """
+    deadline = time.monotonic() + timeout_s
+    segments = {path for path in mapped_shm_files(set(group_members(process.pid)))
+                if Path(path).name.startswith(MULTIPROCESSING_SEGMENTS)}
+    signal_group(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout_s)
+    wait_for_exit(lambda: engine_processes(process.pid), min(deadline, time.monotonic() + ENGINE_GRACE_S))
+    for pid in engine_processes(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_for_exit(lambda: group_members(process.pid), time.monotonic() + KILLED_EXIT_WAIT_S)  # the tracker
+    signal_group(process.pid, signal.SIGKILL)
+    status = process.wait()
+    wait_for_exit(lambda: group_members(process.pid), time.monotonic() + KILLED_EXIT_WAIT_S)  # they unmap as they exit
+    for path in segments - mapped_shm_files():
+        Path(path).unlink(missing_ok=True)
+    return status
+
+
+def engine_processes(pgid: int) -> list[int]:
+    """The running processes of vLLM's group ``pgid`` but Python's multiprocessing resource tracker."""
+    return [pid for pid in group_members(pgid) if RESOURCE_TRACKER not in command_line(pid)]
+
+
+def wait_for_exit(processes: Callable[[], list[int]], deadline: float) -> None:
+    """Wait until ``processes()`` is empty, or until ``deadline`` (``time.monotonic()``)."""
+    while processes() and time.monotonic() < deadline:
+        time.sleep(GROUP_EXIT_POLL_S)
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    """Send ``signum`` to every process of group ``pgid`` (none left is fine)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
 
 
 def log_tail(log_path: Path, lines: int = 40) -> str:

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 
 from livetrain.vllm_plugin.settings import BACKEND, PluginSettings
+from livetrain.vllm_plugin.supervision import watch_supervisor
 
 if TYPE_CHECKING:
     from livetrain.routes.pacing import StepPacer
@@ -27,9 +28,12 @@ class AccessRuleError(RuntimeError):
 
 
 def register_general_plugin() -> None:
-    """Register the ``livetrain_shm`` weight-transfer backend (idempotent: vLLM may call this more than once)."""
+    """Register the ``livetrain_shm`` weight-transfer backend and, in the API server, stop
+    vLLM when the `livetrain serve` that started it is gone (`supervision`). Idempotent:
+    vLLM may call this more than once."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+    watch_supervisor()
     try:
         WeightTransferEngineFactory.register_engine(BACKEND, "livetrain.vllm_plugin.transfer",
                                                     "SharedCopyTransferEngine")

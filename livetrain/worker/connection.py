@@ -35,6 +35,11 @@ def _timeout_error(op: str, request_id: str, timeout_s: float) -> WorkerError:
                        code="worker_timeout")
 
 
+def _stopped_error(what: str) -> WorkerError:
+    return WorkerError(f"the training worker {what}; its result is lost. Retry once GET /train/status answers",
+                       protocol.UNAVAILABLE, code="worker_stopped")
+
+
 class WorkerConnection:
     """An asyncio client of one training worker; create and use it on one event loop.
 
@@ -122,10 +127,7 @@ class WorkerConnection:
                 await asyncio.wait({future}, timeout=min(left, LIVENESS_POLL_S))
                 self._read_events()
                 if not future.done() and self._disconnects != disconnects:
-                    raise WorkerError(
-                        f"the training worker stopped while {op} request {message['id']} was queued or running; "
-                        "its result is lost. Retry once "
-                        "GET /train/status answers", protocol.UNAVAILABLE, code="worker_stopped")
+                    raise _stopped_error(f"stopped while {op} request {message['id']} was queued or running")
             reply = future.result()
         except asyncio.TimeoutError:
             raise _timeout_error(op, message["id"], timeout_s) from None
@@ -162,8 +164,15 @@ class WorkerConnection:
 
 
 def call_worker(address: str, op: str, args: dict[str, Any] | None = None, *,
-                timeout_s: float = 30.0, context: zmq.Context | None = None) -> dict[str, Any]:
-    """One blocking request on a fresh socket; returns the result or raises ``WorkerError``."""
+                timeout_s: float = 30.0, context: zmq.Context | None = None,
+                alive: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """One blocking request on a fresh socket; returns the result or raises ``WorkerError``.
+
+    ``alive``: whether the worker process still runs (e.g. ``popen.poll() is None``, which
+    also reaps it), asked every ``LIVENESS_POLL_S`` while the reply is awaited, so a worker
+    that exits without answering (it got its parent's signal and stopped by itself) fails
+    the request at once with ``worker_stopped`` instead of at the timeout.
+    """
     context = context or zmq.Context.instance()
     message = protocol.request(op, args, deadline=time.time() + timeout_s)
     with context.socket(zmq.DEALER) as socket:
@@ -172,8 +181,10 @@ def call_worker(address: str, op: str, args: dict[str, Any] | None = None, *,
         socket.send(protocol.encode(message))
         deadline = time.monotonic() + timeout_s
         while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
-            if not socket.poll(left_ms):
-                break
+            if not socket.poll(min(left_ms, int(LIVENESS_POLL_S * 1000))):
+                if alive is not None and not alive():
+                    raise _stopped_error(f"exited before it answered {op} request {message['id']}")
+                continue
             reply = protocol.decode(socket.recv())
             if reply.get("id") == message["id"]:
                 if not reply.get("ok"):

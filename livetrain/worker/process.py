@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -31,6 +31,7 @@ from livetrain.cpus import format_cpus, parse_cpus
 from livetrain.train.data import DataFormatError, Example, SFTExample, parse_record
 from livetrain.train.host_memory import retain_freed_memory
 from livetrain.train.step import InvalidExampleError, StepOptions, validate_examples
+from livetrain.weights import remove_shared_copy
 from livetrain.worker import protocol
 from livetrain.worker.connection import call_worker
 from livetrain.worker.protocol import WorkerError
@@ -39,10 +40,15 @@ from livetrain.worker.session import DEFAULT_TRAIN_MODULES, OPTIMIZERS, ProbeGua
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "worker.sock"
+SYNCED_MARK = "synced"  # in the shared copy: everything applied to it is in the model directory
+ABANDONED_MARK = "abandoned"  # in the runtime directory: the worker's starter exits without waiting for it
+RUNTIME_DIR_PREFIX = "livetrain-run-"
 
 
-def session_handlers(session: TrainingSession, server_status: Handler) -> dict[str, Handler]:
-    """The worker's operations (see :mod:`livetrain.worker.protocol`) on ``session``."""
+def session_handlers(session: TrainingSession, server_status: Handler,
+                     close: Callable[[], None] | None = None) -> dict[str, Handler]:
+    """The worker's operations (see :mod:`livetrain.worker.protocol`) on ``session``;
+    ``shutdown`` calls ``close`` (default: ``session.close``)."""
 
     def train(args: dict[str, Any]) -> dict[str, Any]:
         examples = _examples(args.get("examples"))
@@ -79,7 +85,7 @@ def session_handlers(session: TrainingSession, server_status: Handler) -> dict[s
             raise WorkerError(str(exc), protocol.NOT_FOUND, param="generation") from None
 
     def shutdown(args: dict[str, Any]) -> dict[str, Any]:
-        session.close()
+        (close or session.close)()
         return {"closed": True, "last_generation": session.last_generation}
 
     return {"train": train, "logprobs": logprobs, "status": status,
@@ -118,17 +124,38 @@ def _invalid_as_request_error() -> Iterator[None]:
         raise WorkerError(str(exc), protocol.INVALID_REQUEST, param="examples") from None
 
 
+class UnsyncedStepsError(RuntimeError):
+    """The worker stopped with applied steps that its last checkpoint sync could not write."""
+
+
 def run_worker(model_dir: str | os.PathLike, address: str, *, optimizer: str = "apollo-mini",
                train_modules: str = DEFAULT_TRAIN_MODULES, lr: float | None = None,
                sync_interval_s: float | None = 600.0, max_probe_drift: float | None = 0.5,
-               shared_copy: Path | None = None) -> None:
+               shared_copy: Path | None = None, runtime_dir: Path | None = None,
+               parent: int | None = None) -> None:
     """Open a session on ``model_dir`` and serve it on ``address`` until shutdown.
 
     ``max_probe_drift``: undo a step that moves the probe text's mean log-prob by more
     than this many nats per token (None: no probe). ``shared_copy``: train the served
     weights in that directory (a step a crash tore there is undone first) instead of a
     private copy of the model directory.
+
+    ``parent``: the process that started the worker (default: the current parent). Once
+    it is gone, the worker finishes its step, syncs and exits rather than hold the
+    directory forever, and then, as nobody else will, removes the synced ``shared_copy``
+    and ``runtime_dir`` (the private directory of its socket); so it does too when that
+    process left `ABANDONED_MARK` in ``runtime_dir`` (it exits without waiting: its exit
+    may not be visible yet). After its final sync the worker marks the shared copy synced
+    (`SYNCED_MARK`), so that whoever outlives it knows the copy may go. Raises `UnsyncedStepsError` if the last sync failed; the shared copy
+    is then kept, and the next `livetrain serve` on the directory syncs it.
     """
+    parent = os.getppid() if parent is None else parent
+
+    def orphaned() -> bool:
+        return os.getppid() != parent
+
+    if shared_copy is not None:
+        (shared_copy / SYNCED_MARK).unlink(missing_ok=True)  # this worker may apply steps to it
     model = served_model(model_dir, shared_copy) if shared_copy is not None else None
     probe = None
     if max_probe_drift is not None:
@@ -148,19 +175,35 @@ def run_worker(model_dir: str | os.PathLike, address: str, *, optimizer: str = "
         session.dirty = True
         if session.scheduler is not None:
             session.scheduler.mark_dirty()
-    parent = os.getppid()
+
+    def close() -> None:
+        """The final sync, at normal priority: whoever stops the server waits for it."""
+        schedule_normally()
+        session.close()
+        if shared_copy is not None and not session.dirty:
+            (shared_copy / SYNCED_MARK).touch()
+
     try:
         server = WorkerServer(address, {})
-        server.handlers.update(session_handlers(session, lambda args: server.load()))
+        server.handlers.update(session_handlers(session, lambda args: server.load(), close))
         if threading.current_thread() is threading.main_thread():
             # SIGTERM and Ctrl-C finish the running step, then sync and unlock below.
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: server.stop())
-        # If whatever started the worker dies without stopping it, sync and exit rather
-        # than hold the directory forever.
-        server.serve_forever(orphaned=lambda: os.getppid() != parent)
+        server.serve_forever(orphaned=orphaned)
     finally:
-        session.close()
+        close()
+    if session.dirty:  # the shutdown request's sync failed; its reply said why
+        kept = (f"; they are kept in {shared_copy}, and the next livetrain serve on the directory syncs them"
+                if shared_copy is not None else "")
+        raise UnsyncedStepsError(f"the steps applied since the last sync could not be synced into {model_dir}{kept}")
+    if orphaned() or (runtime_dir is not None and (runtime_dir / ABANDONED_MARK).exists()):
+        # Nobody else will clean up after this worker.
+        if shared_copy is not None:
+            log.info("the process that started the training worker is gone: removing %s (synced)", shared_copy)
+            remove_shared_copy(shared_copy)
+        if runtime_dir is not None:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def served_model(model_dir: Path, shared_copy: Path) -> torch.nn.Module:
@@ -192,6 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared-copy", type=Path,
                         help="train the served weights: a directory whose manifest.json holds their layout "
                              "and handles (livetrain.weights); default: load the model directory")
+    parser.add_argument("--runtime-dir", type=Path,
+                        help="the private directory of the socket: removed, with the synced shared copy, when "
+                             "the worker exits because the process that started it is gone")
+    parser.add_argument("--parent-pid", type=int,
+                        help="the process that started the worker (default: its parent at start-up): once it "
+                             "is gone the worker syncs and exits")
     parser.add_argument("--idle", action="store_true",
                         help="run every thread under SCHED_IDLE: only on cycles no other thread wants "
                              "(livetrain serve's default, beside vLLM's threads)")
@@ -215,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
             return
     run_worker(args.model_dir, args.address, optimizer=args.optimizer,
                train_modules=args.train_modules, lr=args.lr, sync_interval_s=args.sync_interval,
-               max_probe_drift=args.max_probe_drift or None, shared_copy=args.shared_copy)
+               max_probe_drift=args.max_probe_drift or None, shared_copy=args.shared_copy,
+               runtime_dir=args.runtime_dir, parent=args.parent_pid)
 
 
 def schedule_when_idle() -> None:
@@ -223,6 +273,23 @@ def schedule_when_idle() -> None:
     when a core has nothing else to run (threads started afterwards inherit their creator's)."""
     for thread in _own_threads():
         os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+
+
+def schedule_normally() -> None:
+    """Put the threads under ``SCHED_IDLE`` back under ``SCHED_OTHER``, for the final sync:
+    whoever stops the server waits for it, and on a busy machine idle cycles may not come.
+    Leaving ``SCHED_IDLE`` needs CAP_SYS_NICE or an RLIMIT_NICE of at least 20 (nice 0);
+    without either the sync stays on idle cycles, and the log says so."""
+    for thread in _own_threads():
+        try:
+            if os.sched_getscheduler(thread) == os.SCHED_IDLE:
+                os.sched_setscheduler(thread, os.SCHED_OTHER, os.sched_param(0))
+        except ProcessLookupError:
+            continue  # the thread has ended
+        except PermissionError:
+            log.warning("the final sync runs on idle cycles only: leaving SCHED_IDLE needs CAP_SYS_NICE or "
+                        "RLIMIT_NICE >= 20 (systemd: LimitNICE=+0)")
+            return
 
 
 def pin_to_cores(cores: set[int]) -> None:
@@ -236,9 +303,16 @@ def _own_threads() -> list[int]:
     return [int(task) for task in os.listdir("/proc/self/task")]
 
 
+def runtime_base() -> Path:
+    """Where runtime directories are made: $XDG_RUNTIME_DIR if set, else the temporary directory."""
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+
+
 def new_runtime_dir() -> Path:
-    """A private (0700) directory for the worker's socket, under $XDG_RUNTIME_DIR if set."""
-    runtime_dir = Path(tempfile.mkdtemp(prefix="livetrain-", dir=os.environ.get("XDG_RUNTIME_DIR")))
+    """A private (0700) directory for the worker's socket, under :func:`runtime_base`, named
+    after this process, so that one left behind by a process that is gone can be told apart
+    (`livetrain.leftovers`)."""
+    runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_DIR_PREFIX}{os.getpid()}-", dir=runtime_base()))
     os.chmod(runtime_dir, 0o700)
     return runtime_dir
 
@@ -291,7 +365,8 @@ class WorkerProcess:
         owns_runtime_dir = runtime_dir is None
         runtime_dir = new_runtime_dir() if owns_runtime_dir else Path(runtime_dir)
         command = [sys.executable, "-m", "livetrain.worker", "--model-dir", str(model_dir),
-                   "--address", worker_address(runtime_dir), "--optimizer", optimizer,
+                   "--address", worker_address(runtime_dir), "--runtime-dir", str(runtime_dir),
+                   "--parent-pid", str(os.getpid()), "--optimizer", optimizer,
                    "--train-modules", train_modules, "--sync-interval", str(sync_interval_s),
                    "--max-probe-drift", str(max_probe_drift)]
         if lr is not None:
@@ -319,8 +394,18 @@ class WorkerProcess:
         self.popen.stdin.write(b"go\n")
         self.popen.stdin.close()
 
+    @property
+    def waiting_for_go(self) -> bool:
+        """Spawned with ``wait_for_go`` and neither told :meth:`go` nor stopped: it has opened nothing."""
+        return self.popen.stdin is not None and not self.popen.stdin.closed
+
+    def running(self) -> bool:
+        """Whether the process has not exited (reaps it if it has)."""
+        return self.popen.poll() is None
+
     def request(self, op: str, args: dict[str, Any] | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
-        return call_worker(self.address, op, args, timeout_s=timeout_s)
+        """One request; fails with ``worker_stopped`` as soon as the process exits without answering."""
+        return call_worker(self.address, op, args, timeout_s=timeout_s, alive=self.running)
 
     def wait_ready(self, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -331,13 +416,16 @@ class WorkerProcess:
             try:
                 return self.request("status", timeout_s=1.0)
             except WorkerError as exc:
-                if exc.type != protocol.TIMEOUT or time.monotonic() > deadline:
+                if exc.code != "worker_stopped" and (exc.type != protocol.TIMEOUT or time.monotonic() > deadline):
                     raise
 
     def stop(self, timeout_s: float = 120.0) -> int:
-        """Ask for a clean shutdown (finish the step, sync), then SIGTERM, then SIGKILL.
-        A worker still waiting for :meth:`go` is told to exit by the end of its input."""
-        if self.popen.stdin is not None and not self.popen.stdin.closed:
+        """Ask for a clean shutdown (finish the step, sync) and wait for the exit; SIGTERM,
+        then SIGKILL, when the worker does not answer or exit within ``timeout_s``. A worker
+        that stops by itself meanwhile (it got the same signal as this process) is noticed
+        at once and reaped. A worker still waiting for :meth:`go` is told to exit by the
+        end of its input. Returns the exit status (0: everything it applied is synced)."""
+        if self.waiting_for_go:
             self.popen.stdin.close()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=timeout_s)
@@ -345,8 +433,10 @@ class WorkerProcess:
             try:
                 self.request("shutdown", timeout_s=timeout_s)
             except WorkerError as exc:
-                log.warning("clean shutdown failed (%s); terminating the training worker", exc.message)
-                self.popen.send_signal(signal.SIGTERM)
+                # Any other failure means it is stopping, or has stopped, by itself: wait for it.
+                if exc.type == protocol.TIMEOUT:
+                    log.warning("%s; terminating the training worker", exc.message)
+                    self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
