@@ -35,7 +35,7 @@ from livetrain.default_model import init_default  # noqa: E402
 from livetrain.optim import apollo_mini  # noqa: E402
 from livetrain.train import ContextCache, SFTExample, train_step  # noqa: E402
 from livetrain.train.compute_dtype import ENV  # noqa: E402
-from livetrain.worker.session import DEFAULT_TRAIN_MODULES  # noqa: E402
+from livetrain.options import DEFAULT_TRAIN_MODULES  # noqa: E402
 
 MODULES = {"attention": DEFAULT_TRAIN_MODULES, "all": r"(self_attn|mlp)\."}
 VARIANTS = {"bf16": "0", "fp32": "1"}

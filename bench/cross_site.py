@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import add_model_argument, fresh_model_copy  # noqa: E402
 from bench.serve import VLLM_ARGS, throughput  # noqa: E402
-from livetrain.serve import ADMIN_TOKEN_ENV, LiveServer, ServeOptions  # noqa: E402
+from livetrain.options import ADMIN_TOKEN_ENV, TrainerOptions  # noqa: E402
+from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
 
 EXAMPLE = {"context_ids": list(range(1000, 1064)), "continuation_ids": list(range(2000, 2016))}
 BODIES = {"/train": {"examples": [EXAMPLE], "lr": 1e-2}, "/rollback": {"generation": 0}, "/checkpoint": {},
@@ -90,8 +91,9 @@ def served_state(server: LiveServer) -> str:
 
 def run_attacks(model_dir: Path, port: int) -> list[dict]:
     rows = []
-    server = LiveServer(ServeOptions(model_dir=model_dir, port=port, vllm_args=VLLM_ARGS, max_probe_drift=0,
-                                     sync_interval_s=3600), say=lambda line: None)
+    server = LiveServer(ServeOptions(model_dir=model_dir, port=port, vllm_args=VLLM_ARGS,
+                                     trainer=TrainerOptions(max_probe_drift=0, sync_interval_s=3600)),
+                        say=lambda line: None)
     with server:
         ok = send(port, "POST", "/train", json.dumps(BODIES["/train"]).encode(), {"Content-Type": "application/json"})
         assert ok == 200, f"an ordinary /train got {ok}"  # the generation to roll back to differs from the files
@@ -108,7 +110,9 @@ def served_tokens_per_s(source: Path, model_dir: Path, port: int, runs: int, log
                "--model", str(model_dir), "--port", str(port), "--", *VLLM_ARGS]
     env = {**os.environ, "PYTHONPATH": str(source)}
     with open(log, "w") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # From the tree's own root: `python -c` and `-m` put the working directory first on sys.path.
+        process = subprocess.Popen(command, env=env, cwd=source, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     try:
         while "ready after" not in log.read_text():
             if process.poll() is not None:

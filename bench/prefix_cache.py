@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import add_model_argument, fresh_model_copy  # noqa: E402
+from livetrain.options import TrainerOptions  # noqa: E402
 from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
 
 VLLM_ARGS = ("--enforce-eager", "--max-model-len", "2048", "--served-model-name", "m")
@@ -69,7 +70,8 @@ def while_training(base: str, count: int, every_s: float) -> tuple[list[float], 
 
 def measure(model_dir: Path, port: int, prefix_caching: bool, count: int, every_s: float) -> dict:
     args = VLLM_ARGS if prefix_caching else (*VLLM_ARGS, "--no-enable-prefix-caching")
-    server = LiveServer(ServeOptions(model_dir=model_dir, port=port, vllm_args=args, max_probe_drift=0),
+    server = LiveServer(ServeOptions(model_dir=model_dir, port=port, vllm_args=args,
+                                     trainer=TrainerOptions(max_probe_drift=0)),
                         say=lambda line: None)
     try:
         server.start()

@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import add_model_argument, fresh_model_copy  # noqa: E402
 from livetrain.cpus import parse_cpus  # noqa: E402
+from livetrain.options import TrainerOptions  # noqa: E402
 from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
 from livetrain.vllm_plugin.launcher import ENTRY_MODULE, log_tail, stop_vllm  # noqa: E402
 
@@ -219,7 +220,8 @@ def omp_cores(log: Path) -> str:
 
 def livetrain_serve(model_dir: Path, port: int, runs: int, steps: int, trainer_cores: int) -> dict:
     server = LiveServer(ServeOptions(model_dir=model_dir, port=port, vllm_args=VLLM_ARGS,
-                                     trainer_cores=trainer_cores, max_probe_drift=0), say=lambda line: None)
+                                     trainer=TrainerOptions(max_probe_drift=0), trainer_cores=trainer_cores),
+                        say=lambda line: None)
     memory = PeakMemory(lambda: [p and p.pid for p in (server.vllm, server.worker and server.worker.popen)])
     try:
         startup = server.start()

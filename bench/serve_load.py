@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import add_model_argument, fresh_model_copy  # noqa: E402
 from livetrain.checkpoint.commands import checkpoint_verify  # noqa: E402
+from livetrain.options import TrainerOptions  # noqa: E402
 from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
 from livetrain.weights import open_shared_copy  # noqa: E402
 
@@ -233,8 +234,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = fresh_model_copy(args.model, "bench-serve-load")
-    server = LiveServer(ServeOptions(model_dir=model_dir, port=args.port, vllm_args=VLLM_ARGS, max_probe_drift=0,
-                                     trainer_cores=args.trainer_cores),
+    server = LiveServer(ServeOptions(model_dir=model_dir, port=args.port, vllm_args=VLLM_ARGS,
+                                     trainer=TrainerOptions(max_probe_drift=0), trainer_cores=args.trainer_cores),
                         say=lambda line: print("  serve:", line))
     result: dict = {"seconds": args.seconds, "clients": args.clients, "new_tokens": NEW_TOKENS,
                     "vllm_args": VLLM_ARGS, "cpus": os.cpu_count(),

@@ -68,7 +68,8 @@ def main() -> None:
     from livetrain.train.step import StepOptions
     from livetrain.worker.connection import WorkerConnection
     from livetrain.worker.process import WorkerProcess
-    from livetrain.worker.session import DEFAULT_TRAIN_MODULES, ProbeGuard, TrainingSession
+    from livetrain.options import DEFAULT_TRAIN_MODULES, TrainerOptions
+    from livetrain.session import ProbeGuard, TrainingSession
 
     source = init_default(REPO / ".cache" / "smollm2-135m-bf16", dtype=torch.bfloat16, progress=False)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -91,7 +92,7 @@ def main() -> None:
         report["in-process"] = statistics.median(times)
         rows.append(("step, in-process (s)", f"{report['in-process']:.3f}"))
 
-        worker = WorkerProcess.start(served_dir, threads=2, sync_interval_s=3600)
+        worker = WorkerProcess.start(served_dir, TrainerOptions(sync_interval_s=3600), threads=2)
         try:
             app = FastAPI()
             app.include_router(router)
@@ -137,7 +138,8 @@ def main() -> None:
         for label, pattern in MODULE_CHOICES.items():
             copy_dir = work / f"sync-{len(report['sync'])}"
             shutil.copytree(source, copy_dir, ignore=shutil.ignore_patterns(".livetrain"))
-            with TrainingSession.open(copy_dir, train_modules=pattern or DEFAULT_TRAIN_MODULES) as session:
+            trainer = TrainerOptions(train_modules=pattern or DEFAULT_TRAIN_MODULES)
+            with TrainingSession.open(copy_dir, trainer) as session:
                 session.train(take(1), lr)
                 synced = session.sync()
             report["sync"][label] = {**synced, "fraction_of_model": synced["model_bytes"] / model_bytes}

@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from livetrain.options import ADMIN_TOKEN_ENV, OPTIMIZERS, InvalidOptions, TrainerOptions
+
 DTYPE_NAMES = ("bfloat16", "float32")
-ADMIN_TOKEN_ENV = "LIVETRAIN_ADMIN_TOKEN"
 
 
 class UsageError(Exception):
@@ -18,7 +19,7 @@ class UsageError(Exception):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Failures a person can act on: printed as one line, without a traceback."""
-    from livetrain.checkpoint import CheckpointError
+    from livetrain.checkpoint import DIRECTORY_ERRORS
     from livetrain.client import LivetrainError
     from livetrain.cpus import CoreSplitError
     from livetrain.default_model import DefaultModelMissing
@@ -29,7 +30,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from livetrain.vllm_plugin.plugins import AccessRuleError
     from livetrain.checkpoint import DirectoryInUse
 
-    return (UsageError, VllmStartError, UnsupportedVllmConfig, AccessRuleError, CheckpointError, LivetrainError, DefaultModelMissing, DataFormatError,
+    return (UsageError, InvalidOptions, VllmStartError, UnsupportedVllmConfig, AccessRuleError, *DIRECTORY_ERRORS, LivetrainError, DefaultModelMissing, DataFormatError,
             InvalidExampleError, DirectoryInUse, CoreSplitError, PortInUse, FileNotFoundError, FileExistsError)
 
 
@@ -45,9 +46,10 @@ def admin_token(args: argparse.Namespace) -> str | None:
 
 
 def cmd_model_init_default(args: argparse.Namespace) -> int:
-    from livetrain.default_model import DTYPES, init_default
+    from livetrain.default_model import init_default
+    from livetrain.formats.dtypes import dtype_from_name
 
-    path = init_default(args.dir, dtype=DTYPES[args.dtype])
+    path = init_default(args.dir, dtype=dtype_from_name(args.dtype))
     print(f"default model ready: {path}")
     return 0
 
@@ -70,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.model:
             raise UsageError("give --model DIR (offline training) or --server URL (a running server)")
         from livetrain.train.host_memory import retain_freed_memory
-        from livetrain.worker.offline import train_offline
+        from livetrain.session.offline import train_offline
 
         retain_freed_memory()  # this process trains from here on
         summary = train_offline(args.data, args.model, optimizer=args.optimizer or "apollo-mini",
@@ -122,19 +124,17 @@ def duty_fraction(text: str) -> float:
 def cmd_serve(args: argparse.Namespace) -> int:
     import warnings
 
-    from livetrain.serve import ADMIN_TOKEN_ENV as TOKEN_ENV, ServeOptions, serve
+    from livetrain.serve import ServeOptions, serve
 
     if args.admin_token:
         warnings.warn("an admin token on the command line is visible in process lists; prefer "
-                      f"--admin-token-file or ${TOKEN_ENV}", stacklevel=1)
-        os.environ[TOKEN_ENV] = args.admin_token
+                      f"--admin-token-file or ${ADMIN_TOKEN_ENV}", stacklevel=1)
+        os.environ[ADMIN_TOKEN_ENV] = args.admin_token
     options = ServeOptions(
-        model_dir=args.model, host=args.host, port=args.port, admin_token_file=args.admin_token_file,
-        sync_interval_s=args.sync_interval, optimizer=args.optimizer, lr=args.lr,
-        cpu_mode=args.cpu_mode, consistent_updates=args.consistent_updates,
+        model_dir=args.model, trainer=TrainerOptions.from_args(args), host=args.host, port=args.port,
+        admin_token_file=args.admin_token_file, cpu_mode=args.cpu_mode, consistent_updates=args.consistent_updates,
         kv_cache_gib=args.kv_cache_gib, trainer_cores=args.trainer_cores, trainer_duty=args.trainer_duty,
-        max_probe_drift=args.max_probe_drift, vllm_args=args.vllm_args,
-        **({"train_modules": args.train_modules} if args.train_modules else {}))
+        vllm_args=args.vllm_args)
     return serve(options)
 
 
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=1, help="passes over the data (default: 1)")
     train.add_argument("--batch-size", type=int, default=1,
                        help="examples per optimizer step (default: 1)")
-    train.add_argument("--optimizer", choices=("apollo-mini", "apollo", "adamw"),
+    train.add_argument("--optimizer", choices=OPTIMIZERS,
                        help="offline only (default: apollo-mini)")
     train.add_argument("--train-modules", metavar="REGEX",
                        help="offline only: which weights are trained, a regex on Hugging Face "
@@ -234,14 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"file holding the admin token the training routes require "
                             f"(or set ${ADMIN_TOKEN_ENV})")
     serve.add_argument("--admin-token", help=argparse.SUPPRESS)
-    serve.add_argument("--sync-interval", type=float, default=600.0, metavar="SECONDS",
-                       help="write changed weights back this long after the last step (default: 600)")
-    serve.add_argument("--optimizer", choices=("apollo-mini", "apollo", "adamw"), default="apollo-mini",
-                       help="default: apollo-mini")
-    serve.add_argument("--train-modules", metavar="REGEX",
-                       help="which weights are trained, a regex on Hugging Face parameter names "
-                            "(default: the attention projections q, k, v, o)")
-    serve.add_argument("--lr", type=float, help="default learning rate of /train requests")
+    TrainerOptions.add_arguments(serve)
     serve.add_argument("--cpu-mode", choices=("reload", "zero-copy"), default="reload",
                        help="CPU only: refresh vLLM's packed kernels after each step (reload, the "
                             "default: fastest serving) or serve trained layers from the shared copy "
@@ -261,9 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="while generation requests are in flight, training steps keep the trainer busy "
                             "at most this fraction of the time (a step of t seconds is followed by a pause "
                             "of t*(1-F)/F); inference first (default: 0.5; 1: steps back to back)")
-    serve.add_argument("--max-probe-drift", type=float, default=0.5, metavar="NATS",
-                       help="undo a step that moves a fixed probe text's mean log-prob by more than "
-                            "this (default: 0.5; 0 turns the check off)")
     serve.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARGS", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 

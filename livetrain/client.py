@@ -25,7 +25,7 @@ import httpx
 
 from livetrain.train.data import (Example, PreferenceExample, SFTExample, load_jsonl, parse_record,
                                   tokenize_prompt_completion)
-from livetrain.worker.loop import TrainingSummary, run_epochs
+from livetrain.train.epochs import TrainingSummary, run_epochs
 
 log = logging.getLogger(__name__)
 # Answers after which a request with an idempotency key can be sent again: it ran nothing,

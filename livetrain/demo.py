@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from livetrain.default_model import init_default
+from livetrain.options import TrainerOptions
 from livetrain.serve import LiveServer, ServeOptions
 from livetrain.train.behaviour import RESTATE_PREFIX, pass_rate, restates_request
 
@@ -83,7 +84,7 @@ def run_demo(work_dir: Path, port: int = 8000, questions: int = 10, epochs: int 
     model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     prompts = [json.loads(line)["prompt"] for line in
                (BEHAVIOUR_SET / "heldout.jsonl").read_text().splitlines() if line.strip()][:questions]
-    options = ServeOptions(model_dir=model_dir, port=port, lr=lr, vllm_args=VLLM_ARGS)
+    options = ServeOptions(model_dir=model_dir, trainer=TrainerOptions(lr=lr), port=port, vllm_args=VLLM_ARGS)
     figures: dict = {}
 
     print("\n[1/5] starting livetrain serve on a fresh copy of the default model")

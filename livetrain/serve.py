@@ -19,6 +19,7 @@ N > 0 gives the trainer the last N cores to itself instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from livetrain.cpus import core_layout, format_cpus
+from livetrain.options import ADMIN_TOKEN_ENV, TrainerOptions
 from livetrain.leftovers import check_port_free, remove_stale_runtime_dirs, wait_for_orphaned_lock_holder
 from livetrain.vllm_plugin.launcher import VllmLaunch, check_supported, start_vllm, stop_vllm, wait_until_ready
 from livetrain.vllm_plugin.plugins import check_access_rule
@@ -37,31 +39,26 @@ from livetrain.vllm_plugin.settings import PluginSettings
 from livetrain.weights import remove_shared_copy
 from livetrain.checkpoint.lock import STATE_DIRNAME, DirectoryLock
 from livetrain.worker.process import ABANDONED_MARK, SYNCED_MARK, WorkerProcess, new_runtime_dir, worker_address
-from livetrain.worker.session import DEFAULT_TRAIN_MODULES
 
-ADMIN_TOKEN_ENV = "LIVETRAIN_ADMIN_TOKEN"
 WORKER_READY_TIMEOUT_S = 300.0
 SUPERVISE_POLL_S = 0.2
 
 
 @dataclass
 class ServeOptions:
-    """Everything `livetrain serve` takes. `vllm_args` are passed to vLLM unchanged."""
+    """Everything `livetrain serve` takes: ``trainer`` goes to the training worker, the
+    rest shapes vLLM and the supervision. `vllm_args` are passed to vLLM unchanged."""
 
     model_dir: Path
+    trainer: TrainerOptions = field(default_factory=TrainerOptions)
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token_file: Path | None = None
-    sync_interval_s: float = 600.0
-    optimizer: str = "apollo-mini"
-    train_modules: str = DEFAULT_TRAIN_MODULES
-    lr: float | None = None
     cpu_mode: str = "reload"
     consistent_updates: bool = False
     kv_cache_gib: float = 1.0
     trainer_cores: int = 0
     trainer_duty: float = 0.5
-    max_probe_drift: float = 0.5
     max_worker_restarts: int = 5
     vllm_args: Sequence[str] = field(default_factory=tuple)
 
@@ -69,9 +66,10 @@ class ServeOptions:
 class LiveServer:
     """vLLM + the training worker on one model directory. Use as a context manager."""
 
-    def __init__(self, options: ServeOptions, say: Callable[[str], None] = print) -> None:
+    def __init__(self, options: ServeOptions, say: Callable[[str], None] | None = None) -> None:
         self.options = options
-        self.say = say
+        # Each line at once, also into a pipe or a file (a process manager's log).
+        self.say = say or functools.partial(print, flush=True)
         self.model_dir = Path(options.model_dir).resolve()
         self.log_dir = self.model_dir / STATE_DIRNAME / "logs"
         self.runtime_dir: Path | None = None
@@ -105,7 +103,7 @@ class LiveServer:
         check_supported(options.vllm_args)
         self.runtime_dir = new_runtime_dir()
         settings = PluginSettings(shm_dir=self.shm_dir, cpu_mode=options.cpu_mode,
-                                  train_modules=options.train_modules,
+                                  train_modules=options.trainer.train_modules,
                                   admin_token_file=self._token_file(),
                                   worker_address=worker_address(self.runtime_dir),
                                   consistent_updates=options.consistent_updates,
@@ -154,11 +152,9 @@ class LiveServer:
         It restores the optimizer state saved in the directory (at each sync)."""
         options = self.options
         return WorkerProcess.spawn(
-            self.model_dir, optimizer=options.optimizer, train_modules=options.train_modules,
-            lr=options.lr, sync_interval_s=options.sync_interval_s, idle=self.cores.trainer_idle,
-            cpus=self.cores.trainer_cores, threads=self.cores.trainer_threads,
-            max_probe_drift=options.max_probe_drift, shared_copy=self.shm_dir,
-            runtime_dir=self.runtime_dir, log_path=self.log_dir / "worker.log", wait_for_go=wait_for_go)
+            self.model_dir, options.trainer, idle=self.cores.trainer_idle, cpus=self.cores.trainer_cores,
+            threads=self.cores.trainer_threads, shared_copy=self.shm_dir, runtime_dir=self.runtime_dir,
+            log_path=self.log_dir / "worker.log", wait_for_go=wait_for_go)
 
     def _token_file(self) -> Path | None:
         """The admin token as a file the plugin reads: --admin-token-file, or

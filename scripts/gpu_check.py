@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from livetrain.weights import Layout, ParamLayout, ParamSlice, export_cuda_tensor, publish_handles  # noqa: E402
-from livetrain.weights.handles import dtype_name  # noqa: E402
+from livetrain.formats.dtypes import dtype_name  # noqa: E402
 
 CONTEXT = list(range(10, 74))
 CONTINUATION = list(range(200, 216))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import socket
 import urllib.request
 from pathlib import Path
+from typing import Any, Iterator
 
 from livetrain.train.data import SFTExample
 
@@ -63,3 +65,25 @@ def post_json(url: str, body: dict, timeout: float = 300) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
+
+
+@contextlib.contextmanager
+def routes_client(address: str, **routes_options: Any) -> Iterator[tuple[Any, Any]]:
+    """(TestClient, TrainingRoutes): the training routes on a plain FastAPI app in front of
+    the worker at ``address`` (``routes_options``: `TrainingRoutes`' fields). The client
+    addresses the app as 127.0.0.1, as a token-less server must be addressed."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from livetrain.routes import TrainingRoutes, router
+    from livetrain.worker.connection import WorkerConnection
+
+    app = FastAPI()
+    app.include_router(router)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as http:
+        routes = TrainingRoutes(WorkerConnection(address), **routes_options)
+        routes.install(app.state)
+        try:
+            yield http, routes
+        finally:
+            routes.worker.close()

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from livetrain.checkpoint import BLOCK_SIZE, ModelDirectory
 from livetrain.checkpoint import fileio
-from livetrain.checkpoint.safetensors_layout import ModelLayout
+from livetrain.formats.safetensors_layout import ModelLayout
 from tests.test_checkpoint_sync import nudge
 
 Action = Callable[[ModelDirectory], object]

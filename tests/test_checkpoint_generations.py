@@ -84,7 +84,7 @@ def test_verify_names_the_damaged_file_and_tensor(tiny_model_dir):
         report = directory.verify()
         assert report.ok and report.checksums_checked == 1 and report.tensors == len(live)
         path = model_dir / "model.safetensors"
-        from livetrain.checkpoint.safetensors_layout import ModelLayout
+        from livetrain.formats.safetensors_layout import ModelLayout
         loc = ModelLayout.read(model_dir).tensors[Q0]
         data = bytearray(path.read_bytes())
         data[loc.start + 10] ^= 0x40

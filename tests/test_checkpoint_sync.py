@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from livetrain.checkpoint import (BLOCK_SIZE, DamagedFileError, DiskFullError, LayoutMismatchError,
                                   MissingFileError, ModelDirectory, NotWritableError, TensorTarget)
 from livetrain.checkpoint import fileio
-from livetrain.checkpoint.safetensors_layout import ModelLayout
+from livetrain.formats.safetensors_layout import ModelLayout
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 K0 = "model.layers.0.self_attn.k_proj.weight"

@@ -141,7 +141,8 @@ def test_the_lock_holder_is_none_when_nobody_holds_it(tmp_path):
 def test_at_start_a_synced_copy_left_behind_is_removed_and_a_held_port_refused(tmp_path, monkeypatch):
     """A shared copy its worker marked synced holds nothing the directory lacks: the next
     server removes it (an unsynced one it would serve and sync). The port check comes next."""
-    from livetrain.serve import ADMIN_TOKEN_ENV, LiveServer, ServeOptions
+    from livetrain.options import ADMIN_TOKEN_ENV
+    from livetrain.serve import LiveServer, ServeOptions
     from livetrain.worker.process import SYNCED_MARK
 
     monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)

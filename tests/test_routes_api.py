@@ -6,14 +6,12 @@ import json
 import time
 
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
+from livetrain.options import TrainerOptions
 from livetrain.client import LivetrainError, TrainingClient
-from livetrain.routes import TrainingRoutes, router
-from livetrain.worker.connection import WorkerConnection
+from livetrain.routes import TrainingRoutes
 from livetrain.worker.process import WorkerProcess
-from tests.session_helpers import CHATS, example, files_digest, tiny_dir, wire
+from tests.session_helpers import CHATS, example, files_digest, routes_client, tiny_dir, wire
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -25,21 +23,17 @@ ROUTES = [("POST", "/train"), ("POST", "/train/logprobs"), ("GET", "/train/statu
 def served(tmp_path_factory, tokenizer_dir):
     """(TestClient, TrainingRoutes, hook calls, model dir) with one worker for the module."""
     model_dir = tiny_dir(tmp_path_factory.mktemp("routes") / "model", tokenizer_dir)
-    process = WorkerProcess.start(model_dir, threads=1, sync_interval_s=3600)
+    process = WorkerProcess.start(model_dir, TrainerOptions(sync_interval_s=3600), threads=1)
     calls: list[tuple[list[str], int]] = []
 
     async def on_weights_changed(names: list[str], version: int) -> None:
         calls.append((names, version))
 
-    app = FastAPI()
-    app.include_router(router)
-    with TestClient(app) as http:
-        routes = TrainingRoutes(WorkerConnection(process.address), admin_token=TOKEN,
-                                on_weights_changed=on_weights_changed)
-        routes.install(app.state)
-        yield http, routes, calls, model_dir
-        routes.worker.close()
-    process.stop()
+    try:
+        with routes_client(process.address, admin_token=TOKEN, on_weights_changed=on_weights_changed) as (http, routes):
+            yield http, routes, calls, model_dir
+    finally:
+        process.stop()
 
 
 def post(http, path, body):
@@ -199,9 +193,12 @@ def test_a_step_applied_after_its_504_is_still_served(served):
     """The caller gave up while the step ran; when it lands, the hook still publishes it."""
     http, _, calls, _ = served
     batch = [wire(example(100 + i, context_len=256, continuation_len=64)) for i in range(16)]
+    # A timeout a quarter of what this batch's step takes here: the worker starts it at
+    # once (it is idle) and finishes it well after its caller gave up.
+    seconds = post(http, "/train", {"examples": batch, "dry_run": True}).json()["seconds"]
     n_calls = len(calls)
-    response = post(http, "/train", {"examples": batch, "timeout_s": 0.2})
-    assert response.status_code == 504
+    response = post(http, "/train", {"examples": batch, "timeout_s": seconds / 4})
+    assert response.status_code == 504 and response.json()["error"]["code"] == "worker_timeout", response.text
     deadline = time.monotonic() + 120
     while len(calls) == n_calls:
         assert time.monotonic() < deadline, "the late step was never published"

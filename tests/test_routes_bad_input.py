@@ -12,15 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
-from livetrain.routes import TrainingRoutes, router
+from livetrain.options import TrainerOptions
 from livetrain.routes.schemas import RequestLimits
 from livetrain.weights import create_shared_copy, open_shared_copy, remove_shared_copy
-from livetrain.worker.connection import WorkerConnection
 from livetrain.worker.process import WorkerProcess
-from tests.session_helpers import example, tiny_dir, wire
+from tests.session_helpers import example, routes_client, tiny_dir, wire
 from tests.tiny_models import build_tiny_model
 from tests.vllm_layouts import expected_layout
 
@@ -122,15 +119,10 @@ def served(tmp_path_factory, tokenizer_dir):
     model_dir = tiny_dir(tmp_path_factory.mktemp("bad-input") / "model", tokenizer_dir)
     shared = Path(f"/dev/shm/livetrain-test-bad-input-{os.getpid()}")
     create_shared_copy(model_dir, expected_layout(build_tiny_model("llama")), shared)
-    process = WorkerProcess.start(model_dir, shared_copy=shared, threads=1, sync_interval_s=3600)
-    app = FastAPI()
-    app.include_router(router)
+    process = WorkerProcess.start(model_dir, TrainerOptions(sync_interval_s=3600), shared_copy=shared, threads=1)
     try:
-        with TestClient(app) as http:
-            routes = TrainingRoutes(WorkerConnection(process.address), admin_token=TOKEN)
-            routes.install(app.state)
+        with routes_client(process.address, admin_token=TOKEN) as (http, _):
             yield http, model_dir, shared, process
-            routes.worker.close()
     finally:
         process.stop()
         remove_shared_copy(shared)
@@ -213,7 +205,7 @@ def test_refreshes_of_the_served_weights_never_overlap(tmp_path, tokenizer_dir):
     import asyncio
 
     model_dir = tiny_dir(tmp_path / "model", tokenizer_dir)
-    process = WorkerProcess.start(model_dir, threads=1, sync_interval_s=3600, max_probe_drift=0)
+    process = WorkerProcess.start(model_dir, TrainerOptions(sync_interval_s=3600, max_probe_drift=0), threads=1)
     active, overlaps, published = [0], [0], []
 
     async def on_weights_changed(names: list[str], version: int) -> None:
@@ -223,18 +215,13 @@ def test_refreshes_of_the_served_weights_never_overlap(tmp_path, tokenizer_dir):
         published.append(version)
         active[0] -= 1
 
-    app = FastAPI()
-    app.include_router(router)
     try:
-        with TestClient(app, base_url="http://127.0.0.1:8000") as http:  # no token: a loopback Host
-            routes = TrainingRoutes(WorkerConnection(process.address), on_weights_changed=on_weights_changed)
-            routes.install(app.state)
+        with routes_client(process.address, on_weights_changed=on_weights_changed) as (http, _):
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(4) as pool:
                 statuses = list(pool.map(lambda i: http.post("/train", json={"examples": [wire(example(i))]})
                                          .status_code, range(4)))
-            routes.worker.close()
     finally:
         process.stop()
     assert statuses == [200] * 4 and overlaps[0] == 0 and sorted(published) == [1, 2, 3, 4]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 
 import pytest
 
-from livetrain.serve import ADMIN_TOKEN_ENV, LiveServer, ServeOptions
+from livetrain.options import ADMIN_TOKEN_ENV, TrainerOptions
+from livetrain.serve import LiveServer, ServeOptions
 from livetrain.weights import open_shared_copy
 from tests.session_helpers import example, files_digest, free_port, wire
 from tests.test_routes_bad_input import weights_digest
@@ -30,8 +30,9 @@ def server(tmp_path_factory, tokenizer_dir):
     with pytest.MonkeyPatch.context() as env:
         env.delenv(ADMIN_TOKEN_ENV, raising=False)
         model_dir = write_vllm_tiny_model(tmp_path_factory.mktemp("cross-site") / "model", "llama", tokenizer_dir)
-        options = ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0,
-                               sync_interval_s=3600, vllm_args=("--enforce-eager", "--max-model-len", "256"))
+        options = ServeOptions(model_dir=model_dir, port=free_port(),
+                               trainer=TrainerOptions(lr=1e-2, max_probe_drift=0, sync_interval_s=3600),
+                               vllm_args=("--enforce-eager", "--max-model-len", "256"))
         with LiveServer(options, say=lambda line: None) as live:
             yield live
 
@@ -124,6 +125,7 @@ def test_ordinary_requests_from_this_machine_still_work(server):
     json_headers = {"Content-Type": "application/json"}
     status, reply, _ = send(server, "POST", "/train", train_body(2), json_headers)
     assert status == 200 and reply["applied"] and reply["weights_version"] == version + 1, reply
+    assert reply["refresh"]["params_reloaded"] > 0 and reply["refresh"]["prefix_cache_reset"] in ("reset", "salted")
     own_page = {**json_headers, "Origin": f"http://localhost:{server.options.port}",
                 "Host": f"localhost:{server.options.port}"}
     status, reply, _ = send(server, "POST", "/train/logprobs", json.dumps(wire(example(2))).encode(), own_page)

@@ -14,6 +14,7 @@ import pytest
 from openai import OpenAI
 
 from livetrain.cli import main
+from livetrain.options import TrainerOptions
 from livetrain.serve import LiveServer, ServeOptions
 from tests.session_helpers import free_port
 
@@ -36,9 +37,8 @@ def shared_copy_digest(server: LiveServer) -> str:
 def server(default_model_dir, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("served") / "model"
     shutil.copytree(default_model_dir, model_dir)
-    options = ServeOptions(model_dir=model_dir, port=free_port(), max_probe_drift=0,
-                           vllm_args=("--enforce-eager", "--max-model-len", "1024",
-                                      "--served-model-name", "smol"))
+    options = ServeOptions(model_dir=model_dir, port=free_port(), trainer=TrainerOptions(max_probe_drift=0),
+                           vllm_args=("--enforce-eager", "--max-model-len", "1024", "--served-model-name", "smol"))
     with LiveServer(options, say=lambda line: None) as live:
         yield live
 

@@ -20,7 +20,8 @@ import torch
 
 from livetrain.checkpoint.commands import checkpoint_verify
 from livetrain.cpus import parse_cpus
-from livetrain.serve import ADMIN_TOKEN_ENV, LiveServer, ServeOptions
+from livetrain.options import ADMIN_TOKEN_ENV, TrainerOptions
+from livetrain.serve import LiveServer, ServeOptions
 from livetrain.vllm_plugin.plugins import AccessRuleError
 from livetrain.weights import open_shared_copy
 from tests.session_helpers import example, free_port, wire
@@ -51,12 +52,13 @@ def call(base: str, method: str, path: str, body: dict | None = None, token: str
 
 
 def stream_completion(base: str, model: str, out: dict) -> None:
-    """A streaming completion; ``out`` gets its frames and whether it ended with [DONE]."""
+    """A streaming completion; ``out["frames"]`` gets its frames as they arrive (the last is
+    [DONE] when it ended well), ``out["error"]`` what broke it."""
     body = {"model": model, "prompt": [1, 504, 1345, 314], "max_tokens": 120, "temperature": 0,
             "ignore_eos": True, "stream": True}
     request = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
-    frames = []
+    frames = out["frames"] = []  # filled as the frames arrive
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
             for line in response:
@@ -65,7 +67,6 @@ def stream_completion(base: str, model: str, out: dict) -> None:
                     frames.append(line[len("data: "):])
     except Exception as exc:  # the assertion below reports it
         out["error"] = repr(exc)
-    out["frames"] = frames
 
 
 def running(pids: set[int], pgid: int) -> list[psutil.Process]:
@@ -101,9 +102,9 @@ def test_worker_and_vllm_deaths(tmp_path, tokenizer_dir, monkeypatch, killed_vll
 
     monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
     model_dir = write_vllm_tiny_model(tmp_path / "model", "llama", tokenizer_dir)
-    options = ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0, trainer_cores=1,
-                           vllm_args=("--enforce-eager", "--max-model-len", "256",
-                                      "--allowed-origins", json.dumps([ALLOWED_ORIGIN])))
+    options = ServeOptions(model_dir=model_dir, port=free_port(), trainer=TrainerOptions(lr=1e-2, max_probe_drift=0),
+                           trainer_cores=1, vllm_args=("--enforce-eager", "--max-model-len", "256",
+                                                       "--allowed-origins", json.dumps([ALLOWED_ORIGIN])))
     messages: list[str] = []
     server = LiveServer(options, say=messages.append)
     server.start()
@@ -136,7 +137,10 @@ def test_worker_and_vllm_deaths(tmp_path, tokenizer_dir, monkeypatch, killed_vll
         streamed: dict = {}
         streamer = threading.Thread(target=stream_completion, args=(base, str(model_dir), streamed))
         streamer.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 120
+        while not streamed.get("frames") and "error" not in streamed:  # a token has been generated
+            assert time.monotonic() < deadline, "the completion never started streaming"
+            time.sleep(0.05)
         killed_at = time.monotonic()
         server.worker.popen.send_signal(signal.SIGKILL)
         server.worker.popen.wait()

@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from livetrain.checkpoint.commands import checkpoint_verify
+from livetrain.options import TrainerOptions
 from livetrain.serve import LiveServer, ServeOptions
 from livetrain.weights import hf_views, open_shared_copy
 from livetrain.weights.step_undo import StepUndo
@@ -32,8 +33,9 @@ def test_a_copy_left_by_a_killed_server_is_reused_and_synced(tmp_path, tokenizer
                                                           killed_vllm_segments_removed):
     model_dir = write_vllm_tiny_model(tmp_path / "model", "llama", tokenizer_dir)
     on_disk = {n: t.clone() for n, t in load_file(model_dir / "model.safetensors").items()}
-    options = ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0,
-                           sync_interval_s=3600, vllm_args=("--enforce-eager", "--max-model-len", "256"))
+    options = ServeOptions(model_dir=model_dir, port=free_port(),
+                           trainer=TrainerOptions(lr=1e-2, max_probe_drift=0, sync_interval_s=3600),
+                           vllm_args=("--enforce-eager", "--max-model-len", "256"))
 
     crashed = LiveServer(options, say=lambda line: None)
     try:

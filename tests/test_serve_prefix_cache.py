@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from livetrain.options import TrainerOptions
 from livetrain.serve import LiveServer, ServeOptions
 from livetrain.vllm_plugin.cache_salt import PrefixCacheSalt, salted_body, served_salt
 from tests.session_helpers import example, free_port, post_json, wire
@@ -70,28 +71,43 @@ def metric(base: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def cached_prompt_tokens(base: str, model: str) -> float:
-    """Prompt tokens the prefix cache served for one more request with PROMPT."""
-    before = metric(base, "vllm:prefix_cache_hits_total")
-    post_json(base + "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 1})
-    return metric(base, "vllm:prefix_cache_hits_total") - before
+def cached_prompt_tokens(base: str, model: str) -> int:
+    """Prompt tokens the prefix cache served for one more request with PROMPT (from the
+    response's own usage)."""
+    reply = post_json(base + "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 1})
+    return (reply["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
 
 
-class LongRequest:
-    """A completion running in a thread, started a second before the constructor returns."""
+def generations_in_flight(base: str) -> int:
+    with urllib.request.urlopen(base + "/train/status", timeout=60) as response:
+        return json.loads(response.read())["pacing"]["generations_in_flight"]
+
+
+class StreamedRequest:
+    """A streaming completion in a thread; ``started`` is set once its first token arrived
+    (it is then inside vLLM, holding its KV blocks)."""
 
     def __init__(self, base: str, body: dict) -> None:
-        self.result: dict = {}
-        self.preemptions_before = metric(base, "vllm:num_preemptions_total")
-        self.runner = threading.Thread(target=self._run, args=(base, body))
+        self.started, self.frames, self.error = threading.Event(), [], None
+        self.runner = threading.Thread(target=self._run, args=(base, {**body, "stream": True}))
         self.runner.start()
-        time.sleep(1.0)
 
     def _run(self, base: str, body: dict) -> None:
+        request = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
         try:
-            self.result = post_json(base + "/v1/completions", body)
+            with urllib.request.urlopen(request, timeout=600) as response:
+                for line in response:
+                    if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                        self.frames.append(json.loads(line[len(b"data: "):]))
+                        self.started.set()
         except Exception as exc:  # reported by the caller's assertions
-            self.result = {"error": repr(exc)}
+            self.error = repr(exc)
+        finally:
+            self.started.set()
+
+    def tokens(self) -> int:
+        return sum(1 for frame in self.frames for choice in frame["choices"] if choice.get("text") is not None)
 
 
 @pytest.mark.vllm
@@ -101,8 +117,9 @@ def test_a_step_during_a_request_keeps_it_running_and_new_requests_off_stale_blo
     model_dir = write_vllm_tiny_model(tmp_path / "model", "llama", tokenizer_dir)
     # The trainer on a core of its own: by default it runs on idle cycles only, so a step
     # could wait while the long request keeps the cores busy, and land only after it.
-    server = LiveServer(ServeOptions(model_dir=model_dir, port=free_port(), lr=1e-2, max_probe_drift=0,
-                                     trainer_cores=1, vllm_args=("--enforce-eager", "--max-model-len", "2048")),
+    server = LiveServer(ServeOptions(model_dir=model_dir, port=free_port(), trainer=TrainerOptions(lr=1e-2, max_probe_drift=0),
+                                     trainer_cores=1, vllm_args=("--enforce-eager", "--max-model-len", "2048",
+                                                                 "--enable-prompt-tokens-details")),
                         say=lambda _: None)
     server.start()
     base, model = server.base_url, str(model_dir)
@@ -111,30 +128,32 @@ def test_a_step_during_a_request_keeps_it_running_and_new_requests_off_stale_blo
         assert post_json(base + "/train", {"examples": [wire(example(1))]})["applied"]  # warm the worker up
         assert cached_prompt_tokens(base, model) == 0  # first time since the step: computed
         assert cached_prompt_tokens(base, model) > 0  # same weights: reused
+        preemptions = metric(base, "vllm:num_preemptions_total")
 
-        # A long request holds its blocks, so vLLM cannot drop the prefix cache when the step
-        # lands. On a loaded machine a step can outlast it: then PROMPT is cached under the
-        # new weights and the scene is set again, at most three times.
+        # A step that lands while a request holds its blocks: vLLM refuses to drop the prefix
+        # cache ("salted"). On a loaded machine the request can end before the step lands
+        # (then the cache is simply reset): the scene is set again, at most three times.
         for attempt in range(3):
-            long_request = LongRequest(base, body)
-            with urllib.request.urlopen(base + "/train/status", timeout=60) as response:
-                pacing = json.loads(response.read())["pacing"]
-            if long_request.runner.is_alive():  # it ran throughout the status call: counted
-                assert pacing["generations_in_flight"] == 1, pacing
+            long_request = StreamedRequest(base, body)
+            assert long_request.started.wait(timeout=300) and long_request.error is None, long_request.error
+            deadline = time.monotonic() + 60
+            while generations_in_flight(base) != 1 and not long_request.frames[-1]["choices"][0]["finish_reason"]:
+                assert time.monotonic() < deadline, "the streaming request was never counted as in flight"
+                time.sleep(0.05)
             step = post_json(base + "/train", {"examples": [wire(example(0))]})
             assert step["applied"], step
-            if long_request.runner.is_alive():
+            if step["refresh"]["prefix_cache_reset"] == "salted":
                 break
             long_request.runner.join()
             cached_prompt_tokens(base, model)
         else:
-            pytest.fail(f"the long request ended before the step three times ({long_request.result})")
+            pytest.fail("the long request ended before the step landed, three times")
 
         assert cached_prompt_tokens(base, model) == 0  # the old weights' blocks are not reused
         assert cached_prompt_tokens(base, model) > 0  # the new weights' blocks are
-        long_request.runner.join(timeout=300)
-        assert long_request.result["usage"]["completion_tokens"] == 2000
+        long_request.runner.join(timeout=600)
+        assert long_request.error is None and long_request.tokens() == 2000, long_request.error
         # It kept its KV throughout.
-        assert metric(base, "vllm:num_preemptions_total") == long_request.preemptions_before
+        assert metric(base, "vllm:num_preemptions_total") == preemptions
     finally:
         server.stop()

@@ -5,7 +5,6 @@ synced into the directory, the directory verifies, and nothing is left running o
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,8 +26,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 SERVE = """
 import sys
 from pathlib import Path
+from livetrain.options import TrainerOptions
 from livetrain.serve import ServeOptions, serve
-sys.exit(serve(ServeOptions(model_dir=Path(sys.argv[1]), port=int(sys.argv[2]), lr=1e-2, max_probe_drift=0,
+sys.exit(serve(ServeOptions(model_dir=Path(sys.argv[1]), port=int(sys.argv[2]),
+                            trainer=TrainerOptions(lr=1e-2, max_probe_drift=0),
                             vllm_args=("--enforce-eager", "--max-model-len", "256"))))
 """
 
@@ -113,7 +114,10 @@ def test_a_second_signal_exits_at_once_and_leaves_the_directory_consistent(tmp_p
     try:
         burst, results, stop = burst_until_applied(base, 2)
         serve.send_signal(signal.SIGTERM)
-        time.sleep(0.2)  # the clean stop has begun (it takes seconds: the worker syncs, vLLM stops)
+        deadline = time.monotonic() + 60
+        while "stopping: syncing" not in (tmp_path / "serve.log").read_text():  # the clean stop has begun
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.05)
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=15) == 128 + signal.SIGTERM
         stop.set()

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from livetrain.train.data import DataFormatError
 from livetrain.checkpoint import DirectoryInUse
-from livetrain.worker.offline import train_offline
-from livetrain.worker.session import TrainingSession
+from livetrain.session import TrainingSession
+from livetrain.session.offline import train_offline
 from tests.session_helpers import CHATS, files_digest
 
 

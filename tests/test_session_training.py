@@ -12,7 +12,8 @@ import torch
 
 from livetrain.train.step import InvalidExampleError, StepOptions
 from livetrain.checkpoint import DirectoryInUse
-from livetrain.worker.session import DEFAULT_TRAIN_MODULES, ProbeGuard, TrainingSession, load_model
+from livetrain.options import DEFAULT_TRAIN_MODULES, TrainerOptions
+from livetrain.session import ProbeGuard, TrainingSession, load_model
 from tests.session_helpers import example, files_digest
 
 
@@ -32,10 +33,10 @@ def test_default_trains_the_attention_projections_only(tiny_model_dir):
 
 def test_train_modules_pattern_selects_what_is_trained(tiny_model_dir):
     model_dir = tiny_model_dir()
-    with TrainingSession.open(model_dir, train_modules="q_proj") as session:
+    with TrainingSession.open(model_dir, TrainerOptions(train_modules="q_proj")) as session:
         assert session.trainable == [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
     with pytest.raises(ValueError, match="no 2-D decoder weight matches"):
-        TrainingSession.open(model_dir, train_modules="no_such_module")
+        TrainingSession.open(model_dir, TrainerOptions(train_modules="no_such_module"))
 
 
 def test_lock_refuses_a_second_session_with_a_clear_message(tiny_model_dir):
@@ -48,7 +49,7 @@ def test_lock_refuses_a_second_session_with_a_clear_message(tiny_model_dir):
 
 
 def test_applied_step_changes_only_the_trained_tensors_and_names_them(tiny_model_dir):
-    with TrainingSession.open(tiny_model_dir(), optimizer="adamw") as session:
+    with TrainingSession.open(tiny_model_dir(), TrainerOptions(optimizer="adamw")) as session:
         before = {n: p.detach().clone() for n, p in session.model.named_parameters()}
         report = session.train([example(0), example(1)])
         assert report.applied and report.weights_version == 1
@@ -97,15 +98,15 @@ def test_optimizer_state_resumes_after_reopen(tiny_model_dir, tmp_path, optimize
     shutil.copytree(resumed_dir, straight_dir)
     steps = [[example(0)], [example(1)], [example(2)]]  # distinct contexts: no cache hits
 
-    with TrainingSession.open(straight_dir, optimizer=optimizer) as session:
+    with TrainingSession.open(straight_dir, TrainerOptions(optimizer=optimizer)) as session:
         for batch in steps:
             session.train(batch)
         expected = trained(session)
 
-    with TrainingSession.open(resumed_dir, optimizer=optimizer) as session:
+    with TrainingSession.open(resumed_dir, TrainerOptions(optimizer=optimizer)) as session:
         for batch in steps[:2]:
             session.train(batch)
-    with TrainingSession.open(resumed_dir, optimizer=optimizer) as session:
+    with TrainingSession.open(resumed_dir, TrainerOptions(optimizer=optimizer)) as session:
         assert session.optimizer_state == "restored (2 steps)"
         assert session.weights_version == 2
         session.train(steps[2])
@@ -115,9 +116,9 @@ def test_optimizer_state_resumes_after_reopen(tiny_model_dir, tmp_path, optimize
 
 def test_optimizer_state_for_another_optimizer_is_not_loaded(tiny_model_dir):
     model_dir = tiny_model_dir()
-    with TrainingSession.open(model_dir, optimizer="adamw") as session:
+    with TrainingSession.open(model_dir, TrainerOptions(optimizer="adamw")) as session:
         session.train([example(0)])
-    with TrainingSession.open(model_dir, optimizer="apollo-mini") as session:
+    with TrainingSession.open(model_dir, TrainerOptions(optimizer="apollo-mini")) as session:
         assert session.optimizer_state.startswith("new (the saved state is for adamw")
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from livetrain.options import TrainerOptions
 from livetrain.weights import Layout, model_on_views, open_shared_copy
 from livetrain.vllm_plugin.inprocess import InProcessEngine
 from tests.vllm_layouts import expected_layout, write_vllm_tiny_model
@@ -111,8 +112,8 @@ def test_refreshes_during_a_request_keep_the_request(vllm, consistent):
 def test_a_step_of_the_training_worker_is_what_vllm_serves_after_refresh(vllm, model_dir):
     from livetrain.worker.process import WorkerProcess
 
-    worker = WorkerProcess.start(model_dir, shared_copy=vllm.shm_dir, optimizer="adamw", lr=1e-2,
-                                 sync_interval_s=3600, threads=1)
+    worker = WorkerProcess.start(model_dir, TrainerOptions(optimizer="adamw", lr=1e-2, sync_interval_s=3600),
+                                 shared_copy=vllm.shm_dir, threads=1)
     try:
         before = vllm.served_param(QKV0)
         result = worker.request("train", {"examples": [{"context_ids": [1, 17, 4000], "continuation_ids": [250, 9]}],

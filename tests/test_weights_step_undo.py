@@ -13,8 +13,9 @@ import torch
 
 from livetrain.weights import create_shared_copy, open_shared_copy, remove_shared_copy
 from livetrain.weights.step_undo import MARK_FILE, StepUndo, last_kept_state, take_undo_report, undo_torn_step
-from livetrain.worker.process import served_model
-from livetrain.worker.session import TrainingSession
+from livetrain.worker.main import served_model
+from livetrain.options import TrainerOptions
+from livetrain.session import TrainingSession
 from tests.session_helpers import example
 from tests.tiny_models import build_tiny_model
 from tests.vllm_layouts import expected_layout
@@ -89,8 +90,8 @@ def weights_digest(model: torch.nn.Module) -> str:
 def train_then_die_mid_step(model_dir: Path, shared: Path, digest_file: Path) -> None:
     """One kept step, then a step killed (SIGKILL) after half its tensors were written."""
     torch.set_num_threads(1)
-    session = TrainingSession.open(model_dir, model=served_model(model_dir, shared), live_state_dir=shared,
-                                   lr=1e-2)
+    session = TrainingSession.open(model_dir, TrainerOptions(lr=1e-2), model=served_model(model_dir, shared),
+                                   live_state_dir=shared)
     assert session.train([example(0)]).applied
     digest_file.write_text(weights_digest(session.model))
     params = [p for group in session.optimizer.param_groups for p in group["params"]]

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import zmq
 
+from livetrain.options import TrainerOptions
 from livetrain.worker import protocol
 from livetrain.worker.connection import call_worker
 from livetrain.worker.process import WorkerProcess
 from livetrain.worker.protocol import WorkerError
 from livetrain.worker.server import WorkerServer
-from livetrain.worker.session import TrainingSession
+from livetrain.session import TrainingSession
 from livetrain.checkpoint import DirectoryInUse
 from livetrain.checkpoint.lock import DirectoryLock
 from tests.session_helpers import example, files_digest, wire
@@ -132,7 +133,8 @@ def worker(tmp_path_factory, tokenizer_dir):
     from tests.session_helpers import tiny_dir
 
     model_dir = tiny_dir(tmp_path_factory.mktemp("worker") / "model", tokenizer_dir)
-    process = WorkerProcess.start(model_dir, threads=2, sync_interval_s=3600, idle=True, cpus=LAST_CORE)
+    process = WorkerProcess.start(model_dir, TrainerOptions(sync_interval_s=3600), threads=2, idle=True,
+                                  cpus=LAST_CORE)
     yield process, model_dir
     process.stop()
 
@@ -257,9 +259,10 @@ def test_an_orphaned_worker_on_a_shared_copy_syncs_it_then_removes_it(served_cop
     model_dir, shared = served_copy
     digest = files_digest(model_dir)
     launcher = (f"import os, signal\n"
+                f"from livetrain.options import TrainerOptions\n"
                 f"from livetrain.worker.process import WorkerProcess\n"
-                f"w = WorkerProcess.start({str(model_dir)!r}, threads=1, lr=1e-2, shared_copy={str(shared)!r},\n"
-                f"                        log_path={str(tmp_path / 'worker.log')!r})\n"
+                f"w = WorkerProcess.start({str(model_dir)!r}, TrainerOptions(lr=1e-2), threads=1,\n"
+                f"                        shared_copy={str(shared)!r}, log_path={str(tmp_path / 'worker.log')!r})\n"
                 f"assert w.request('train', {{'examples': [{wire(example(0))!r}]}})['applied']\n"
                 f"print(w.popen.pid, w.runtime_dir, flush=True)\n"
                 f"os.kill(os.getpid(), signal.SIGKILL)\n")
@@ -276,13 +279,13 @@ def test_the_worker_marks_its_synced_copy_and_cleans_up_when_its_starter_leaves_
     from livetrain.worker.process import ABANDONED_MARK, SYNCED_MARK
 
     model_dir, shared = served_copy
-    worker = WorkerProcess.start(model_dir, shared_copy=shared, threads=1, lr=1e-2)
+    worker = WorkerProcess.start(model_dir, TrainerOptions(lr=1e-2), shared_copy=shared, threads=1)
     assert worker.request("train", {"examples": [wire(example(0))]})["applied"]
     assert not (shared / SYNCED_MARK).exists()
     assert worker.stop() == 0
     assert (shared / SYNCED_MARK).exists()  # synced: its starter may remove it
 
-    worker = WorkerProcess.start(model_dir, shared_copy=shared, threads=1, lr=1e-2)
+    worker = WorkerProcess.start(model_dir, TrainerOptions(lr=1e-2), shared_copy=shared, threads=1)
     assert not (shared / SYNCED_MARK).exists()  # a new worker may apply steps to it
     assert worker.request("train", {"examples": [wire(example(1))]})["applied"]
     (worker.runtime_dir / ABANDONED_MARK).touch()  # its starter leaves without cleaning up
@@ -397,9 +400,12 @@ def test_worker_waiting_for_go_opens_nothing_until_told_and_exits_cleanly_if_nev
     from tests.session_helpers import tiny_dir
 
     model_dir = tiny_dir(tmp_path / "model", tokenizer_dir)
-    waiting = WorkerProcess.spawn(model_dir, threads=1, wait_for_go=True)
-    time.sleep(5)  # past its imports
-    assert waiting.popen.poll() is None
+    log = tmp_path / "worker.log"
+    waiting = WorkerProcess.spawn(model_dir, threads=1, wait_for_go=True, log_path=log)
+    deadline = time.monotonic() + 120
+    while "waiting for the go" not in log.read_text():  # its imports are done
+        assert waiting.popen.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
     DirectoryLock(model_dir, "test").release()  # it has not opened the directory
     with pytest.raises(WorkerError):
         waiting.request("status", timeout_s=1.0)  # not listening yet
@@ -421,7 +427,7 @@ def test_the_final_sync_leaves_idle_scheduling():
     import sys
 
     check = ("import os, threading\n"
-             "from livetrain.worker.process import schedule_normally, schedule_when_idle\n"
+             "from livetrain.cpus import schedule_normally, schedule_when_idle\n"
              "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
              "schedule_when_idle()\n"
              "threads = [int(t) for t in os.listdir('/proc/self/task')]\n"

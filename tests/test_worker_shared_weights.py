@@ -7,6 +7,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
+from livetrain.options import TrainerOptions
 from livetrain.weights import create_shared_copy, open_shared_copy, remove_shared_copy
 from livetrain.worker.process import WorkerProcess
 from tests.session_helpers import example, wire
@@ -22,7 +23,7 @@ def test_worker_trains_the_shared_copy_in_place_and_syncs_it(tiny_model_dir):
     try:
         _, tensors = open_shared_copy(shared)  # this process's own mapping of the same files
         before = {name: t.clone() for name, t in tensors.items()}
-        worker = WorkerProcess.start(model_dir, shared_copy=shared, threads=1, lr=1e-2)
+        worker = WorkerProcess.start(model_dir, TrainerOptions(lr=1e-2), shared_copy=shared, threads=1)
         try:
             result = worker.request("train", {"examples": [wire(example(0))]})
             assert result["applied"]

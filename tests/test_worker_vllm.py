@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from livetrain.options import TrainerOptions
 from livetrain.weights import remove_shared_copy
 from livetrain.worker.process import WorkerProcess, new_runtime_dir, worker_address
 from tests.session_helpers import files_digest, free_port, post_json
@@ -41,8 +42,8 @@ def test_train_through_vllm_next_request_sees_it_and_rollback_restores(tmp_path,
     worker = None
     try:
         wait_until_ready(launch, vllm, log, timeout_s=300)
-        worker = WorkerProcess.start(model_dir, shared_copy=shm_dir, runtime_dir=runtime_dir, threads=1,
-                                     lr=1e-2, max_probe_drift=0)
+        worker = WorkerProcess.start(model_dir, TrainerOptions(lr=1e-2, max_probe_drift=0), shared_copy=shm_dir,
+                                     runtime_dir=runtime_dir, threads=1)
         base = launch.base_url
         before = greedy(base, model_dir)
         target = [t + 7 for t in before]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from livetrain.weights import Layout, ParamLayout, ParamSlice
-from livetrain.weights.handles import dtype_name
+from livetrain.formats.dtypes import dtype_name
 
 MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 VOCAB_PAD = 64

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from livetrain.checkpoint.errors import LayoutMismatchError
-from livetrain.checkpoint.safetensors_layout import ModelLayout, TensorLocation
+from livetrain.formats.safetensors_layout import ModelLayout, TensorLocation
 
 BLOCK_SIZE = 4096
 CHUNK_BYTES = 8 * 2**20

@@ -12,7 +12,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from livetrain.checkpoint.generations import DEFAULT_KEEP_GENERATIONS, ModelDirectory
+from livetrain.checkpoint.directory import ModelDirectory
+from livetrain.checkpoint.generations import DEFAULT_KEEP_GENERATIONS
 
 
 def checkpoint_status(model_dir: str | os.PathLike) -> dict:

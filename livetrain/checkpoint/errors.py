@@ -1,4 +1,6 @@
-"""Failures of checkpoint sync a caller can act on; all derive from `CheckpointError`.
+"""Failures of checkpoint sync a caller can act on: `CheckpointError` and its subclasses,
+and the safetensors layout's own errors (`SafetensorsLayoutError`: a file missing,
+damaged, or not holding the tensors asked for), which checkpoint sync raises too.
 
 Every message names the model directory's file (and tensor, where there is one), so a
 person reading it knows what to fix. When one of these is raised by `sync` or
@@ -7,21 +9,16 @@ person reading it knows what to fix. When one of these is raised by `sync` or
 
 from __future__ import annotations
 
+from livetrain.formats.safetensors_layout import (DamagedFileError, LayoutMismatchError, MissingFileError,
+                                                  SafetensorsLayoutError)
+
+__all__ = ["CheckpointError", "DIRECTORY_ERRORS", "DamagedFileError", "DirectoryInUse", "DiskFullError",
+           "GenerationNotFoundError", "LayoutMismatchError", "MissingFileError", "NotWritableError", "RecoveryError",
+           "SafetensorsLayoutError"]
+
 
 class CheckpointError(Exception):
-    """Base class of every checkpoint failure."""
-
-
-class MissingFileError(CheckpointError):
-    """A model file (or a shard named by the index) does not exist."""
-
-
-class DamagedFileError(CheckpointError):
-    """A model file cannot be read as safetensors: bad header, truncated data, overlaps."""
-
-
-class LayoutMismatchError(CheckpointError):
-    """The live tensors do not fit the files: unknown name, wrong shape, bad row slice."""
+    """Base class of the checkpoint's own failures."""
 
 
 class NotWritableError(CheckpointError):
@@ -46,3 +43,7 @@ class RecoveryError(CheckpointError):
     The file was changed behind the checkpoint's back (or damaged); the journal is kept
     so that nothing more is lost.
     """
+
+
+# What reading or writing a model directory can raise.
+DIRECTORY_ERRORS = (CheckpointError, SafetensorsLayoutError)

@@ -12,8 +12,9 @@ update). APOLLO needs none of them dense:
     G·Pᵀ          = dYᵀ·(X·Pᵀ),  P·G = (P·dYᵀ)·X
     W += c·G      = one matrix product into W (W.addmm_)
 
-So a linear layer whose weight is in a `GradFactors` saves (dY, X) in backward instead
-of computing G (`livetrain.train.factor_recording`), and `Apollo.step` takes them. A weight is
+So while a `GradFactors` is recording (`recording_factors`), a linear layer on one of
+its weights saves (dY, X) in backward instead of computing G (the training step's linear
+layer, `livetrain.train.linear`, asks `factors_for`), and `Apollo.step` takes them. A weight is
 factored only where its factors are at most half the size of its gradient (N·(m + n) ≤
 m·n / 2), so the Gram matrices stay cheap and memory falls; longer batches get dense
 gradients as before. A weight that also gets a gradient some other way (a tied
@@ -22,11 +23,13 @@ embedding that is trained) has its factors added into that gradient (`fold_into_
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+import contextvars
+from typing import Iterable, Iterator
 
 import torch
 
-__all__ = ["GradFactors", "MAX_SIZE_FRACTION", "has_gradient"]
+__all__ = ["GradFactors", "MAX_SIZE_FRACTION", "factors_for", "has_gradient", "recording_factors"]
 
 # A weight is factored when its factors take at most this fraction of its gradient's size.
 MAX_SIZE_FRACTION = 0.5
@@ -99,3 +102,26 @@ class GradFactors:
 def has_gradient(weight: torch.Tensor, factors: GradFactors | None) -> bool:
     """Whether `weight` has a gradient this step: a `.grad`, or factors in `factors`."""
     return weight.grad is not None or (factors is not None and factors.get(weight) is not None)
+
+
+_RECORDING: contextvars.ContextVar[GradFactors | None] = contextvars.ContextVar("livetrain_grad_factors",
+                                                                                default=None)
+
+
+@contextlib.contextmanager
+def recording_factors(factors: GradFactors | None) -> Iterator[None]:
+    """Within it, linear layers run with grad on ``factors``' weights record factors
+    instead of gradients (in the backward calls made later too). None: nothing changes."""
+    token = _RECORDING.set(factors if factors is not None and len(factors) else None)
+    try:
+        yield
+    finally:
+        _RECORDING.reset(token)
+
+
+def factors_for(weight: torch.Tensor) -> GradFactors | None:
+    """The `GradFactors` a linear layer on ``weight`` records into now (None: a dense gradient)."""
+    factors = _RECORDING.get()
+    if factors is None or weight not in factors or not torch.is_grad_enabled():
+        return None
+    return factors

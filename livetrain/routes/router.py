@@ -48,8 +48,9 @@ STATUS_TIMEOUT_S = 10.0
 
 # Called after the served weights changed (an applied step, a rollback) with the Hugging
 # Face names of the changed tensors and the new weights version; returns once vLLM
-# serves them (kernels refreshed, prefix cache reset).
-WeightsChangedHook = Callable[[list[str], int], Awaitable[None]]
+# serves them (kernels refreshed, prefix cache reset), with what the refresh did (the
+# response's "refresh").
+WeightsChangedHook = Callable[[list[str], int], Awaitable[dict[str, Any]]]
 
 
 class Worker(Protocol):
@@ -225,7 +226,7 @@ async def _publish(routes: TrainingRoutes, result: dict[str, Any], request_id: s
         return
     try:
         async with routes.refresh_lock:
-            await routes.on_weights_changed(changed, result["weights_version"])
+            result["refresh"] = await routes.on_weights_changed(changed, result["weights_version"])
     except Exception as exc:
         log.exception("refreshing the served weights failed after request %s", request_id)
         raise _Refused(error_response(

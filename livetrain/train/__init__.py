@@ -1,5 +1,6 @@
 """Context-frozen training: data formats and tokenization, losses, the frozen-context
-forward pass, the context cache, and the guarded training step."""
+forward pass, the context cache, the guarded training step with its speed-ups (fp32
+compute, factored gradients, the optimizer seam), and the epoch loop."""
 
 from livetrain.train.context_cache import ContextCache, ContextLookup
 from livetrain.train.data import (DataFormatError, Example, PreferenceExample, SFTExample, load_jsonl,

@@ -2,15 +2,14 @@
 
 The served weights are bf16 (vLLM's CPU default) and the trainer works on views of them,
 so its forward and backward would run in bf16 too. CPUs without AVX512-BF16 or AMX (every
-AVX2-only x86 CPU) emulate bf16 matrix products: here a 64 x 576 x 1536 product takes 6.8
-ms in bf16 against 1.3 ms in fp32, and a context-frozen step (context 1024, continuation
-64) takes 32 s instead of 4 s (docs/benchmarks.md). On such a CPU the training forward
-runs under `Float32Compute`: the weights stay where and what they are (bf16, shared with
-the server). A linear layer copies its weight to fp32, block by block into one reusable
-buffer, while it runs and again in backward, so no fp32 copy of the model is kept; other
-operations that meet an fp32 activation and a half-precision weight (a norm's) compute
-on an fp32 copy of it. Gradients reach the bf16 parameters rounded to bf16 once, so the
-optimizer sees bf16 gradients as before.
+AVX2-only x86 CPU) emulate bf16 matrix products, several times slower than fp32 ones
+(docs/benchmarks.md). On such a CPU the training forward runs under `Float32Compute`: the
+weights stay where and what they are (bf16, shared with the server). A linear layer
+copies its weight to fp32, block by block into one reusable buffer, while it runs and
+again in backward (`Float32Blocks`, through `livetrain.train.linear`), so no fp32 copy of
+the model is kept; other operations that meet an fp32 activation and a half-precision
+weight (a norm's) compute on an fp32 copy of it. Gradients reach the bf16 parameters
+rounded to bf16 once.
 
 `LIVETRAIN_FLOAT32_COMPUTE` overrides the choice: `1` always (for a half-precision model
 on CPU), `0` never, unset or `auto` by the CPU's features.
@@ -26,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from livetrain.optim.grad_factors import GradFactors
-from livetrain.train.factor_recording import factors_for, linear_arguments
+from livetrain.train.linear import computing_linears
 
 __all__ = ["Float32Compute", "float32_compute_needed", "model_compute"]
 
@@ -56,9 +54,8 @@ def _upcast(value: Any) -> Any:
 
 
 class _Scratch:
-    """One reusable fp32 buffer for weight blocks. With a fresh copy per layer the process's
-    heap kept the freed copies: a 64 + 16-token step on the default model raised the peak
-    resident set by 609 MiB, against 317 MiB with this buffer and 295 MiB in bf16."""
+    """One reusable fp32 buffer for weight blocks (a fresh copy per layer would leave the
+    freed copies in the process's heap)."""
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
@@ -70,48 +67,43 @@ class _Scratch:
         return self._buffer[:rows * cols].view(rows, cols)
 
 
-class _Float32Linear(torch.autograd.Function):
-    """y = x·Wᵀ + b for fp32 `x` [..., in] and half-precision `weight` [out, in] / `bias`
-    [out], computed in fp32 on copies of at most _BLOCK_BYTES of the weight's rows at a
-    time, made in `scratch`. Saves the half-precision weight, not a copy; gradients come
-    back in the weight's and bias's dtype, the weight's as factors into `factors` if given
-    (`factor_recording`)."""
+class Float32Blocks:
+    """A `LinearCompute` for fp32 input ``x`` [..., in] and a half-precision ``weight``
+    [out, in] / ``bias`` [out]: every product in fp32, on copies of at most _BLOCK_BYTES of
+    the weight's rows at a time, made in one scratch buffer."""
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, scratch, factors: GradFactors | None):
-        ctx.save_for_backward(x, weight)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.scratch = scratch
-        ctx.factors = factors
+    def __init__(self) -> None:
+        self._scratch = _Scratch()
+
+    def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return _is_float32(x) and _is_half(weight)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         blocks = list(_row_blocks(weight))
         if len(blocks) == 1:
-            return F.linear(x, scratch.block(*weight.shape).copy_(weight), None if bias is None else bias.float())
+            return F.linear(x, self._copy(weight, blocks[0]), None if bias is None else bias.float())
         out = x.new_empty(*x.shape[:-1], weight.shape[0])
         for rows in blocks:
-            block = scratch.block(rows.stop - rows.start, weight.shape[1]).copy_(weight[rows])
-            out[..., rows] = F.linear(x, block, None if bias is None else bias[rows].float())
+            out[..., rows] = F.linear(x, self._copy(weight, rows), None if bias is None else bias[rows].float())
         return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
-        x_rows = x.reshape(-1, x.shape[-1])                   # [N, in]
-        if need_w and ctx.factors is not None:
-            ctx.factors.record(weight, grad_rows, x_rows)
-            need_w = False
+    def input_grad(self, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         grad_x = None
-        grad_w = torch.empty_like(weight) if need_w else None
         for rows in _row_blocks(weight):
-            block = ctx.scratch.block(rows.stop - rows.start, weight.shape[1])
-            if need_x:
-                part = grad_out[..., rows] @ block.copy_(weight[rows])  # [..., in]
-                grad_x = part if grad_x is None else grad_x.add_(part)
-            if need_w:  # the block's fp32 gradient, then rounded into the weight's dtype
-                grad_w[rows] = torch.mm(grad_rows[:, rows].t(), x_rows, out=block)
-        grad_b = grad_rows.sum(0).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-        return grad_x, grad_w, grad_b, None, None
+            part = grad_out[..., rows] @ self._copy(weight, rows)  # [..., in]
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x
+
+    def weight_grad(self, grad_rows: torch.Tensor, input_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        grad_w = torch.empty_like(weight)
+        for rows in _row_blocks(weight):  # each block's fp32 gradient, then rounded into the weight's dtype
+            block = self._scratch.block(rows.stop - rows.start, weight.shape[1])
+            grad_w[rows] = torch.mm(grad_rows[:, rows].t(), input_rows, out=block)
+        return grad_w
+
+    def _copy(self, weight: torch.Tensor, rows: slice) -> torch.Tensor:
+        """An fp32 copy of ``weight[rows]`` in the scratch buffer."""
+        return self._scratch.block(rows.stop - rows.start, weight.shape[1]).copy_(weight[rows])
 
 
 def _row_blocks(weight: torch.Tensor) -> Iterator[slice]:
@@ -124,9 +116,10 @@ class Float32Compute(TorchFunctionMode):
     """Within it, a half-precision model computes in fp32:
 
     * an embedding lookup returns fp32 rows (the hidden states are fp32 from the start);
-    * a linear layer on fp32 input computes in fp32 (`_Float32Linear`);
-    * an operation given both fp32 and half-precision tensors (a linear layer's weight,
-      a norm's or a convolution's) runs on fp32 copies of the half-precision ones.
+    * a linear layer on fp32 input computes in fp32 (`Float32Blocks`, through
+      `livetrain.train.linear`, which this mode leaves every linear layer to);
+    * any other operation given both fp32 and half-precision tensors (a norm's weight, a
+      convolution's) runs on fp32 copies of the half-precision ones.
 
     In-place operations and ``out=`` calls are left alone: a write into a bf16 tensor (a
     cache buffer) stays a write into that tensor, rounded to its dtype.
@@ -134,19 +127,24 @@ class Float32Compute(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self._scratch = _Scratch()
+        self._blocks = Float32Blocks()
+        self._linears = contextlib.ExitStack()
+
+    def __enter__(self) -> "Float32Compute":
+        self._linears.enter_context(computing_linears(self._blocks))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._linears.close()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.embedding:
             return func(*args, **kwargs).float()
-        if func is F.linear:
-            x, weight, bias = linear_arguments(*args, **kwargs)
-            if _is_float32(x) and _is_half(weight):
-                return _Float32Linear.apply(x, weight, bias, self._scratch, factors_for(weight))
         name = getattr(func, "__name__", "")
         in_place = name.endswith("_") and name not in _NOT_IN_PLACE
-        if not in_place and "out" not in kwargs:
+        if func is not F.linear and not in_place and "out" not in kwargs:
             values = [*args, *kwargs.values()]
             flat = [v for value in values for v in (value if isinstance(value, (list, tuple)) else (value,))]
             if any(_is_float32(v) for v in flat) and any(_is_half(v) for v in flat):

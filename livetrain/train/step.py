@@ -8,28 +8,30 @@ runs its context once; both answers fork the same frozen state. Gradients accumu
 over the batch, then one optimizer step - unless a guard says no, in which case the
 weights are left bit-identical and the result says why.
 
-With APOLLO, the weight gradients of a short batch's linear layers are kept as their
-factors (`livetrain.optim.grad_factors`), never as dense matrices.
+The speed-ups are separate layers: the optimizer's part of the step (factored
+gradients, clipping, the update bound) is `livetrain.train.update`; how linear layers
+compute and record gradient factors is `livetrain.train.linear`.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 
-from livetrain.optim import Apollo
-from livetrain.optim.grad_factors import GradFactors, has_gradient
+from livetrain.optim.grad_factors import recording_factors
 from livetrain.train.context_cache import ContextCache
 from livetrain.train.data import Example, PreferenceExample, SFTExample
-from livetrain.train.factor_recording import recording_factors
 from livetrain.train.frozen_context import FrozenContext, continuation_logits, prefill
-from livetrain.train.losses import dpo_loss, orpo_loss, sft_loss, token_logprobs
+from livetrain.train.linear import linear_seam
+from livetrain.train.update import apply_update, combined_norm, factored_weights, gradient_norms
+from livetrain.train.losses import dpo_loss, orpo_loss, token_logprobs
 
-__all__ = ["StepOptions", "StepResult", "InvalidExampleError", "train_step", "continuation_logprobs",
+__all__ = ["Refusal", "StepOptions", "StepResult", "InvalidExampleError", "train_step", "continuation_logprobs",
            "validate_examples"]
 
 LossKind = Literal["sft", "orpo", "dpo"]
@@ -65,9 +67,20 @@ class StepOptions:
     dry_run: bool = False
 
 
+class Refusal(enum.Enum):
+    """Why a step left the weights as they were (the value is the reason's wording)."""
+
+    NON_FINITE_LOSS = "non-finite loss"
+    NON_FINITE_GRADIENT = "non-finite gradient"
+    DRY_RUN = "dry run"
+    NON_FINITE_UPDATE = "non-finite update (weights restored)"
+    PROBE_DRIFT = "probe drift"  # a guard after the step (the training session's)
+
+
 @dataclass
 class StepResult:
-    """What a step did. `reason` says why nothing was applied (None when applied).
+    """What a step did. ``refusal`` says why nothing was applied (None when applied), and
+    ``reason`` says it in words.
 
     loss: mean loss over the batch (SFT: per continuation token; ORPO/DPO: per pair).
     tokens: continuation tokens trained on. grad_norm: before clipping.
@@ -80,12 +93,20 @@ class StepResult:
     tokens: int
     grad_norm: float
     update_norm: float | None
-    applied: bool
+    refusal: Refusal | None
     reason: str | None
     seconds: float
     cache_hits: int = 0
     examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def applied(self) -> bool:
+        return self.refusal is None
+
+    def refuse(self, refusal: Refusal, reason: str | None = None) -> None:
+        """Mark the step as not applied (by a guard after it, which restored the weights)."""
+        self.refusal, self.reason = refusal, reason or refusal.value
 
 
 def _max_context_length(model: torch.nn.Module) -> int | None:
@@ -159,22 +180,6 @@ def _trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
-def _factored_weights(optimizer: torch.optim.Optimizer, rows: int) -> GradFactors | None:
-    """The weights whose gradients over `rows` token rows this step keeps as factors: APOLLO
-    weights where that takes less memory (`GradFactors.worth_it`). None for other optimizers."""
-    if not isinstance(optimizer, Apollo):
-        return None
-    return GradFactors(p for group in optimizer.param_groups if group["rank"] is not None
-                       for p in group["params"] if p.requires_grad and GradFactors.worth_it(p, rows))
-
-
-def _combined_norm(norms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of several tensors together, from their own L2 norms (0-dim each)."""
-    if not norms:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(list(norms)))
-
-
 def _example_loss(model, ex: Example, options: StepOptions, device, cache,
                   scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
     """The loss of one example times `scale`, plus its metrics (0-dim tensors) and whether its
@@ -223,17 +228,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     else:
         tokens = sum(len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples)
         scale = 1.0 / len(examples)
+    factors = factored_weights(optimizer, tokens)
 
-    factors = _factored_weights(optimizer, tokens)
-
-    def refuse(loss: float, grad_norm: float, reason: str) -> StepResult:
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, tokens, grad_norm, 0.0, False, reason, time.perf_counter() - start,
-                          hits, len(examples), metrics)
-
+    # Gradients, accumulated over the batch.
     losses, hits, metric_values = [], 0, {}
     for ex in examples:
-        with recording_factors(factors):
+        with linear_seam(enabled=bool(factors)), recording_factors(factors):
             loss, ex_metrics, hit = _example_loss(model, ex, options, device, context_cache, scale)
         hits += hit
         for k, v in ex_metrics.items():
@@ -248,86 +248,29 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     rows = torch.stack([torch.stack(losses)] + [torch.stack(metric_values[k]) for k in names]).tolist()
     total_loss = sum(rows[0])
     metrics = {k: sum(row) / len(examples) for k, row in zip(names, rows[1:])}
-    if not math.isfinite(total_loss):
-        return refuse(float("nan"), float("nan"), "non-finite loss")
 
-    grad_norms = {p: factors.norm(p) for p in factors.recorded()} if factors is not None else {}
-    dense = [p for p in params if p.grad is not None]
-    if dense:
-        grad_norms.update(zip(dense, torch._foreach_norm([p.grad for p in dense], 2, dtype=torch.float32)))
-    grad_norm = _combined_norm(list(grad_norms.values())).item()
+    def result(loss: float, grad_norm: float, update_norm: float | None, refusal: Refusal | None) -> StepResult:
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, tokens, grad_norm, update_norm, refusal, refusal and refusal.value,
+                          time.perf_counter() - start, hits, len(examples), metrics)
+
+    # Guards, then the update.
+    if not math.isfinite(total_loss):
+        return result(float("nan"), float("nan"), 0.0, Refusal.NON_FINITE_LOSS)
+    grad_norms = gradient_norms(params, factors)
+    grad_norm = combined_norm(list(grad_norms.values())).item()
     if not math.isfinite(grad_norm):
-        return refuse(total_loss, grad_norm, "non-finite gradient")
+        return result(total_loss, grad_norm, 0.0, Refusal.NON_FINITE_GRADIENT)
     if options.dry_run:
-        return refuse(total_loss, grad_norm, "dry run")
+        return result(total_loss, grad_norm, 0.0, Refusal.DRY_RUN)
     clip = None
     if options.max_grad_norm is not None and grad_norm > options.max_grad_norm:
         clip = options.max_grad_norm / (grad_norm + 1e-6)
-
-    update_norm = _apply(optimizer, params, options, before, clip, grad_norms, factors)
+    update_norm = apply_update(optimizer, params, lr=options.lr, clip=clip, grad_norms=grad_norms, factors=factors,
+                               before=before, measure=options.measure_update,
+                               max_update_norm=options.max_update_norm)
     if update_norm is not None and not math.isfinite(update_norm):
-        return refuse(total_loss, grad_norm, "non-finite update (weights restored)")
-    optimizer.zero_grad(set_to_none=True)
+        return result(total_loss, grad_norm, 0.0, Refusal.NON_FINITE_UPDATE)
     if context_cache is not None:
         context_cache.note_update(update_norm)
-    return StepResult(total_loss, tokens, grad_norm, update_norm, True, None, time.perf_counter() - start,
-                      hits, len(examples), metrics)
-
-
-@torch.no_grad()
-def _apply(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], options: StepOptions,
-           before: Sequence[torch.Tensor] | None, clip: float | None,
-           grad_norms: dict[torch.Tensor, torch.Tensor], factors: GradFactors | None) -> float | None:
-    """optimizer.step() at the step's lr on the gradients times ``clip`` (None: as they
-    are); returns the update's L2 norm if measured (always when the caller passed its
-    pre-step copies as ``before``). `Apollo` takes the factor, the gradients' norms
-    (by parameter, before clipping) and the factored gradients into its step; other
-    optimizers get the gradients rescaled first.
-
-    A non-finite update is undone (weights restored bit for bit); an update over
-    max_update_norm is scaled down to it.
-    """
-    saved_lr = [group["lr"] for group in optimizer.param_groups]
-    if options.lr is not None:
-        for group in optimizer.param_groups:
-            group["lr"] = options.lr
-    stepped = [p for p in params if has_gradient(p, factors)]
-    if before is not None:
-        if len(before) != len(params):
-            raise ValueError(f"{len(before)} pre-step copies for {len(params)} parameters")
-        before = [b for p, b in zip(params, before) if has_gradient(p, factors)]
-    elif options.measure_update or options.max_update_norm is not None:
-        before = [p.detach().clone() for p in stepped]
-    try:
-        if isinstance(optimizer, Apollo):
-            optimizer.step(grad_scale=clip, grad_norms=grad_norms, grad_factors=factors)
-        else:
-            if clip is not None:
-                torch._foreach_mul_([p.grad for p in stepped], clip)
-            optimizer.step()
-    finally:
-        for group, lr in zip(optimizer.param_groups, saved_lr):
-            group["lr"] = lr
-    if before is None:
-        return None
-    current = [p.detach() for p in stepped]
-
-    def chunks() -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """(weights now, weights before) 16 tensors at a time: bounded scratch memory, also
-        when the copies are in host memory and the weights on a GPU."""
-        for i in range(0, len(current), 16):
-            now = current[i:i + 16]
-            yield now, [b.to(c.device, non_blocking=True) for c, b in zip(now, before[i:i + 16])]
-
-    norms = []
-    for now, then in chunks():
-        norms += torch._foreach_norm(torch._foreach_sub(now, then), 2, dtype=torch.float32)
-    update_norm = _combined_norm(norms).item()  # the one host sync
-    if not math.isfinite(update_norm):
-        for now, then in chunks():
-            torch._foreach_copy_(now, then)
-    elif options.max_update_norm is not None and update_norm > options.max_update_norm:
-        for now, then in chunks():  # p <- before + factor * (p - before)
-            torch._foreach_lerp_(now, then, 1.0 - options.max_update_norm / update_norm)
-        update_norm = options.max_update_norm
-    return update_norm
+    return result(total_loss, grad_norm, update_norm, None)

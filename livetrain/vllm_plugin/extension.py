@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from livetrain.vllm_plugin.layout import derive_layout
 from livetrain.weights import (Layout, create_shared_copy, export_cuda_tensor, hf_views, open_shared_copy,
                                publish_handles)
-from livetrain.weights.handles import dtype_name
+from livetrain.formats.dtypes import dtype_name
 from livetrain.weights.shared_copy import MANIFEST, map_handles, read_manifest
 from livetrain.weights.step_undo import undo_torn_step
 

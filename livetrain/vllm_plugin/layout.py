@@ -15,9 +15,9 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from livetrain.checkpoint.safetensors_layout import ModelLayout
+from livetrain.formats.safetensors_layout import ModelLayout
 from livetrain.weights import Layout, LayoutError, ParamLayout, ParamSlice
-from livetrain.weights.handles import dtype_name
+from livetrain.formats.dtypes import dtype_name
 
 
 def derive_layout(model: nn.Module, model_dir: str, dtype: torch.dtype, tp_size: int = 1) -> Layout:

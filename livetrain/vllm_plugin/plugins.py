@@ -125,8 +125,8 @@ class LivetrainEndpointPlugin:
         await served.start()
         setattr(state, SERVED_ATTRIBUTE, served)
 
-        async def refresh(changed_tensors: list[str], weights_version: int) -> None:
-            await served.refresh(changed_tensors, weights_version)
+        async def refresh(changed_tensors: list[str], weights_version: int) -> dict[str, Any]:
+            return (await served.refresh(changed_tensors, weights_version)).summary()
 
         token = settings.admin_token_file.read_text().strip() if settings.admin_token_file else None
         TrainingRoutes(worker=WorkerConnection(settings.worker_address), admin_token=token,

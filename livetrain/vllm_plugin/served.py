@@ -8,6 +8,7 @@ training worker never see a vLLM type.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,8 +33,11 @@ class RefreshResult:
     seconds: float
     prefix_cache_reset: str  # "reset" | "salted"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"params": self.params, "seconds": self.seconds, "prefix_cache_reset": self.prefix_cache_reset}
+    def summary(self) -> dict[str, Any]:
+        """What a /train response says of it: how many parameters were reloaded, the seconds,
+        and how stale prefix-cache blocks were dealt with."""
+        return {"params_reloaded": len(self.params), "seconds": round(self.seconds, 4),
+                "prefix_cache_reset": self.prefix_cache_reset}
 
 
 class ServedModel:
@@ -94,13 +98,18 @@ class ServedModel:
             await self.engine.pause_generation(mode="keep", clear_cache=False)
         try:
             if params:
+                version = None if weights_version is None else str(weights_version)
                 await self.engine.start_weight_update()
                 try:
                     await self.engine.update_weights(WeightTransferUpdateRequest(update_info={"params": params}))
-                finally:
-                    # Always close the update: vLLM refuses every later start while one is open.
-                    await self.engine.finish_weight_update(
-                        weight_version=None if weights_version is None else str(weights_version))
+                except BaseException:
+                    # vLLM's worker ends an update whose update_weights failed; one that failed
+                    # before reaching it is still open and would refuse every later start.
+                    # Either way the first error is the one to report.
+                    with contextlib.suppress(Exception):
+                        await self.engine.finish_weight_update(weight_version=version)
+                    raise
+                await self.engine.finish_weight_update(weight_version=version)
             self.refreshes += 1
             reset = await self.reset_prefix_cache()
         finally:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from livetrain.worker.session import DEFAULT_TRAIN_MODULES
+from livetrain.options import DEFAULT_TRAIN_MODULES
 
 CPU_MODES = ("reload", "zero-copy")
 BACKEND = "livetrain_shm"  # the weight-transfer backend's name (--weight-transfer-config)

@@ -16,20 +16,18 @@ from typing import Any
 
 import torch
 
+from livetrain.formats.dtypes import UnknownDtype, dtype_from_name, dtype_name
+
 
 class HandleError(ValueError):
     """A handle cannot be mapped (missing or short file, unknown kind or dtype)."""
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise HandleError(f"unknown dtype {name!r}")
-    return dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _torch_dtype(name: str) -> torch.dtype:
+    try:
+        return dtype_from_name(name)
+    except UnknownDtype as exc:
+        raise HandleError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ class SharedMemoryHandle:
     @property
     def nbytes_needed(self) -> int:
         """Bytes from the start of the file to the end of the last element."""
-        itemsize = dtype_from_name(self.dtype).itemsize
+        itemsize = _torch_dtype(self.dtype).itemsize
         if 0 in self.shape:
             return self.offset * itemsize
         last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
@@ -130,7 +128,7 @@ def _map_shared_file(handle: SharedMemoryHandle) -> torch.Tensor:
         raise HandleError(f"shared weights file {handle.path} does not exist") from None
     if size < handle.nbytes_needed:
         raise HandleError(f"{handle.path} holds {size} bytes; the handle needs {handle.nbytes_needed}")
-    dtype = dtype_from_name(handle.dtype)
+    dtype = _torch_dtype(handle.dtype)
     storage = torch.UntypedStorage.from_file(handle.path, shared=True, nbytes=size)
     flat = torch.empty(0, dtype=dtype).set_(storage, 0, (size // dtype.itemsize,), (1,))
     return flat.as_strided(handle.shape, handle.stride, handle.offset)
@@ -144,7 +142,7 @@ def _map_cuda_ipc(handle: CudaIpcHandle) -> torch.Tensor:
     # reduce_tensor's order: (tensor_cls, size, stride, offset, storage_cls, dtype, device, ipc_handle,
     # storage_size_bytes, storage_offset_bytes, requires_grad, ref_counter_handle, ref_counter_offset,
     # event_handle, event_sync_required); classes and dtype travel as names.
-    args[0], args[4], args[5] = torch.Tensor, torch.storage.TypedStorage, dtype_from_name(handle.dtype)
+    args[0], args[4], args[5] = torch.Tensor, torch.storage.TypedStorage, _torch_dtype(handle.dtype)
     args[1], args[2] = torch.Size(args[1]), tuple(args[2])
     if str(torch.cuda.get_device_properties(args[6]).uuid) != handle.device_uuid:
         raise HandleError(f"handle is for GPU {handle.device_uuid}, device {args[6]} is another one")

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from livetrain.checkpoint.safetensors_layout import ModelLayout
-from livetrain.weights.handles import (SharedMemoryHandle, WeightHandle, create_shared_file, dtype_from_name,
-                                      handle_from_dict, map_handle)
+from livetrain.formats.safetensors_layout import ModelLayout
+from livetrain.formats.dtypes import dtype_from_name
+from livetrain.weights.handles import SharedMemoryHandle, WeightHandle, create_shared_file, handle_from_dict, map_handle
 from livetrain.weights.layout import Layout, LayoutError
 
 MANIFEST = "manifest.json"

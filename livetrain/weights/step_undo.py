@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from livetrain.weights.handles import SharedMemoryHandle, create_shared_file, dtype_from_name, dtype_name, map_handle
+from livetrain.formats.dtypes import dtype_from_name, dtype_name
+from livetrain.weights.handles import SharedMemoryHandle, create_shared_file, map_handle
 
 DATA_FILE = "step-undo.bin"
 INDEX_FILE = "step-undo.json"

@@ -1,3 +1,3 @@
-from livetrain.worker.process import main
+from livetrain.worker.main import main
 
 main()

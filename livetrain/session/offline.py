@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from livetrain.options import DEFAULT_TRAIN_MODULES, TrainerOptions
+from livetrain.session.training_session import TrainingSession
 from livetrain.train.data import load_jsonl
+from livetrain.train.epochs import TrainingSummary, run_epochs
 from livetrain.train.step import StepOptions
-from livetrain.worker.loop import TrainingSummary, run_epochs
-from livetrain.worker.session import DEFAULT_TRAIN_MODULES, TrainingSession
 
 
 def train_offline(data: str | os.PathLike, model_dir: str | os.PathLike, *, loss: str = "sft",
@@ -36,8 +37,8 @@ def train_offline(data: str | os.PathLike, model_dir: str | os.PathLike, *, loss
     if not examples:
         raise ValueError(f"{data} holds no training examples")
     options = StepOptions(loss=loss, max_grad_norm=max_grad_norm, dry_run=dry_run)
-    with TrainingSession.open(model_dir, optimizer=optimizer, train_modules=train_modules, lr=lr,
-                              holder="livetrain train (offline)") as session:
+    trainer = TrainerOptions(optimizer=optimizer, train_modules=train_modules, lr=lr, max_probe_drift=None)
+    with TrainingSession.open(model_dir, trainer, scheduled_sync=False, holder="livetrain train (offline)") as session:
         summary = run_epochs(examples, lambda batch: session.train(batch, options).to_dict(),
                              epochs=epochs, batch_size=batch_size, progress=progress,
                              desc=f"{loss} {optimizer}")

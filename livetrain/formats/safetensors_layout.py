@@ -18,18 +18,28 @@ from pathlib import Path
 
 import torch
 
-from livetrain.checkpoint.errors import DamagedFileError, LayoutMismatchError, MissingFileError
+from livetrain.formats.dtypes import UnknownDtype, dtype_from_safetensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+
+class SafetensorsLayoutError(Exception):
+    """A model directory's safetensors files cannot be read as this layout needs; the
+    message names the file (and tensor, where there is one)."""
+
+
+class MissingFileError(SafetensorsLayoutError):
+    """A model file (or a shard named by the index) does not exist."""
+
+
+class DamagedFileError(SafetensorsLayoutError):
+    """A model file cannot be read as safetensors: bad header, truncated data, overlaps."""
+
+
+class LayoutMismatchError(SafetensorsLayoutError):
+    """Tensors do not fit the files: unknown name, wrong shape or dtype, bad row slice."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,8 @@ class TensorLocation:
     @property
     def torch_dtype(self) -> torch.dtype:
         try:
-            return DTYPES[self.dtype]
-        except KeyError:
+            return dtype_from_safetensors(self.dtype)
+        except UnknownDtype:
             raise LayoutMismatchError(
                 f"{self.file}: tensor {self.name} has dtype {self.dtype}, which checkpoint sync "
                 f"cannot write") from None
@@ -107,10 +117,11 @@ class SafetensorsHeader:
             loc = TensorLocation(name, path.name, dtype, shape, data_start + begin, data_start + end)
             if not 0 <= begin <= end:
                 raise DamagedFileError(f"{path}: tensor {name} has offsets {begin}..{end}")
-            if dtype in DTYPES and end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
+            itemsize = _itemsize(dtype)
+            if itemsize is not None and end - begin != math.prod(shape) * itemsize:
                 raise DamagedFileError(
                     f"{path}: tensor {name} spans {end - begin} bytes, but {dtype} {list(shape)} "
-                    f"needs {math.prod(shape) * DTYPES[dtype].itemsize}")
+                    f"needs {math.prod(shape) * itemsize}")
             if loc.end > size:
                 raise DamagedFileError(
                     f"{path}: truncated: tensor {name} ends at byte {loc.end}, the file has {size}")
@@ -165,3 +176,11 @@ class ModelLayout:
             if tname not in files[fname].tensors:
                 raise DamagedFileError(f"{directory / fname}: the index says it holds {tname}, its header does not")
         return cls(directory, files, tensors)
+
+
+def _itemsize(code: str) -> int | None:
+    """Bytes per element of a safetensors dtype code; None for one livetrain does not know."""
+    try:
+        return dtype_from_safetensors(code).itemsize
+    except UnknownDtype:
+        return None
