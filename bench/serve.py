@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -32,11 +31,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import add_model_argument, fresh_model_copy  # noqa: E402
+from bench.common import add_model_argument, fresh_model_copy, plain_vllm, wait_until_healthy  # noqa: E402
 from livetrain.cpus import parse_cpus  # noqa: E402
 from livetrain.options import TrainerOptions  # noqa: E402
 from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
-from livetrain.vllm_plugin.launcher import ENTRY_MODULE, log_tail, stop_vllm  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 NEW_TOKENS = 64
@@ -181,34 +179,19 @@ def while_training(base: str, runs: int) -> dict[str, float]:
             "train_steps_s_while_serving": serving_steps_s, "train_steps_s_alone": alone_steps_s}
 
 
-def plain_vllm(model_dir: Path, port: int, runs: int, log: Path, cpus: str | None) -> dict:
+def measure_plain_vllm(model_dir: Path, port: int, runs: int, log: Path, cpus: str | None) -> dict:
     """vLLM without livetrain: the same flags and KV cache, its own core binding unless ``cpus``
     (by default vLLM's CPU worker binds its OpenMP threads to all cores but the last, which it
     leaves to its API server)."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    if cpus is not None:
-        env.update(VLLM_CPU_OMP_THREADS_BIND=cpus, OMP_NUM_THREADS=str(len(parse_cpus(cpus))))
+    env = {} if cpus is None else {"VLLM_CPU_OMP_THREADS_BIND": cpus, "OMP_NUM_THREADS": str(len(parse_cpus(cpus)))}
     started = time.monotonic()
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", ENTRY_MODULE, "--model", str(model_dir),
-                                    "--port", str(port), *VLLM_ARGS], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    memory = PeakMemory(lambda: [process.pid])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"plain vLLM exited:\n{log_tail(log)}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        result = {"startup_s": time.monotonic() - started, **throughput(base, runs)}
-    finally:
-        result_memory = memory.stop()
-        stop_vllm(process)
+    with plain_vllm(model_dir, port, log, VLLM_ARGS, env) as process:
+        memory = PeakMemory(lambda: [process.pid])
+        try:
+            wait_until_healthy(process, port, log)
+            result = {"startup_s": time.monotonic() - started, **throughput(f"http://127.0.0.1:{port}", runs)}
+        finally:
+            result_memory = memory.stop()
     return {**result, "peak_pss_bytes": result_memory, "omp_cores": omp_cores(log)}
 
 
@@ -253,7 +236,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = fresh_model_copy(args.model, "bench-serve")
-    plain = plain_vllm(model_dir, args.port, args.runs, model_dir.parent / "plain-vllm.log", args.plain_cpus)
+    plain = measure_plain_vllm(model_dir, args.port, args.runs, model_dir.parent / "plain-vllm.log", args.plain_cpus)
     live = livetrain_serve(model_dir, args.port, args.runs, args.steps, args.trainer_cores)
 
     rows = [

@@ -87,8 +87,9 @@ def cmd_teach(args: argparse.Namespace) -> int:
     from livetrain.client import TrainingClient
 
     with TrainingClient(args.server, admin_token=admin_token(args), tokenizer=args.tokenizer) as client:
-        result = client.teach(args.prompt, args.completion, system=args.system,
-                              **({"lr": args.lr} if args.lr is not None else {}), dry_run=args.dry_run)
+        options = {k: v for k, v in (("loss", args.loss), ("lr", args.lr)) if v is not None}
+        result = client.teach(args.prompt, args.completion, rejected=args.rejected, system=args.system,
+                              dry_run=args.dry_run, **options)
     print_json(result)
     return 0 if result.get("applied") or args.dry_run else 1
 
@@ -186,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = train.add_mutually_exclusive_group()
     where.add_argument("--model", type=Path, help="model directory to train offline")
     where.add_argument("--server", help="base URL of a running `livetrain serve`")
-    train.add_argument("--loss", choices=("sft", "orpo", "dpo"), default="sft",
-                       help="sft for completions, orpo or dpo for preference pairs (default: sft)")
+    train.add_argument("--loss", choices=("sft", "orpo", "dpo"),
+                       help="sft for completions, orpo or dpo for preference pairs (default: orpo for "
+                            "preference pairs, sft for completions)")
     train.add_argument("--lr", type=float, help="learning rate (default: the optimizer's)")
     train.add_argument("--epochs", type=int, default=1, help="passes over the data (default: 1)")
     train.add_argument("--batch-size", type=int, default=1,
@@ -207,10 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     teach = commands.add_parser(
         "teach", help="one training step on one prompt and answer, on a running server",
         description="Tokenize PROMPT (a user turn) and COMPLETION (the answer wanted) with the "
-                    "model's chat template and post one SFT step to the server's /train.")
+                    "model's chat template and post one step to the server's /train: SFT, or, "
+                    "with --rejected (the answer that was wrong), ORPO on the pair.")
     teach.add_argument("--server", required=True, help="base URL of a running `livetrain serve`")
     teach.add_argument("--prompt", required=True, help="the user's message")
     teach.add_argument("--completion", required=True, help="the answer to teach")
+    teach.add_argument("--rejected", help="the answer that was wrong (the model's own, say): "
+                                          "the step then prefers COMPLETION over it")
+    teach.add_argument("--loss", choices=("sft", "orpo", "dpo"),
+                       help="default: orpo with --rejected, sft without")
     teach.add_argument("--system", help="a system message before the prompt")
     teach.add_argument("--lr", type=float, help="learning rate (default: the server's)")
     teach.add_argument("--dry-run", action="store_true", help="compute the step, apply nothing")

@@ -3,6 +3,7 @@ posts token ids to ``/train``, exactly as the served model will see them.
 
     client = TrainingClient("http://127.0.0.1:8000", admin_token="...")
     client.teach("What is 2 + 2?", "You are asking for a sum. 2 + 2 = 4.")
+    client.teach("What is 2 + 2?", "2 + 2 = 4.", rejected="2 + 2 = 5.")   # a correction: ORPO
     client.train_jsonl("examples.jsonl", epochs=1)
 
 Every ``POST`` carries an ``Idempotency-Key`` of its own, and is retried with that key
@@ -23,8 +24,8 @@ from typing import Any, Iterable, Sequence
 
 import httpx
 
-from livetrain.train.data import (Example, PreferenceExample, SFTExample, load_jsonl, parse_record,
-                                  tokenize_prompt_completion)
+from livetrain.train.data import (Example, PreferenceExample, SFTExample, default_loss, load_jsonl,
+                                  parse_record, tokenize_prompt_completion)
 from livetrain.train.epochs import TrainingSummary, run_epochs
 
 log = logging.getLogger(__name__)
@@ -84,17 +85,25 @@ class TrainingClient:
     # ---- training -----------------------------------------------------------------------
 
     def teach(self, prompt: str | list[dict], completion: str | list[dict], *,
-              system: str | None = None, **options: Any) -> dict[str, Any]:
+              rejected: str | list[dict] | None = None, system: str | None = None,
+              **options: Any) -> dict[str, Any]:
         """One step on one chat exchange: ``prompt`` (user turn) answered by ``completion``.
 
-        Strings become chat messages, so the model learns the answer in the form it is
-        served. ``options``: the fields of ``POST /train`` (lr, dry_run, ...).
+        ``rejected``: an answer that was wrong (the model's own, say): then the step is a
+        preference pair, ``completion`` over ``rejected``, and its loss ORPO unless
+        ``loss`` says otherwise. Strings become chat messages, so the model learns the
+        answer in the form it is served. ``options``: the fields of ``POST /train``
+        (loss, lr, dry_run, ...).
         """
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
-        answer = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
-        return self.train([tokenize_prompt_completion(self.tokenizer, messages, answer)], **options)
+        if rejected is None:
+            example = tokenize_prompt_completion(self.tokenizer, messages, _assistant_turn(completion))
+        else:
+            example = parse_record({"prompt": messages, "chosen": _assistant_turn(completion),
+                                    "rejected": _assistant_turn(rejected)}, self.tokenizer)
+        return self.train([example], **options)
 
     def train(self, examples: Iterable[Example | dict], *, loss: str | None = None,
               **options: Any) -> dict[str, Any]:
@@ -103,8 +112,7 @@ class TrainingClient:
         for preference pairs."""
         parsed = [ex if isinstance(ex, (SFTExample, PreferenceExample)) else parse_record(ex, self._tokenizer_for(ex))
                   for ex in examples]
-        if loss is None:
-            loss = "orpo" if isinstance(parsed[0], PreferenceExample) else "sft"
+        loss = loss or default_loss(parsed)
         body = {"examples": [_wire(ex) for ex in parsed], "loss": loss, **options}
         return self._request("POST", "/train", body)
 
@@ -192,6 +200,10 @@ def _retry_after(response: httpx.Response, attempt: int) -> float:
     except (KeyError, ValueError):
         wait_s = 2.0 ** attempt
     return min(max(wait_s, 0.0), MAX_RETRY_WAIT_S)
+
+
+def _assistant_turn(answer: str | list[dict]) -> list[dict]:
+    return [{"role": "assistant", "content": answer}] if isinstance(answer, str) else list(answer)
 
 
 def _wire(example: Example) -> dict[str, Any]:

@@ -32,14 +32,15 @@ BEHAVIOUR_SET = REPO / "examples" / "restate"
 VLLM_ARGS = ("--enforce-eager", "--max-model-len", "2048", "--served-model-name", "demo")
 
 
-def ask(base_url: str, prompts: Sequence[list[dict]], max_tokens: int) -> list[str]:
-    """Greedy answers from the served model, all prompts in flight at once."""
+def ask(base_url: str, prompts: Sequence[list[dict]], max_tokens: int, model: str = "demo") -> list[str]:
+    """Greedy answers from the served model (``model``: its served name), all prompts in
+    flight at once."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url + "/v1", api_key="unused")
 
     def one(messages: list[dict]) -> str:
-        reply = client.chat.completions.create(model="demo", messages=messages, temperature=0,
+        reply = client.chat.completions.create(model=model, messages=messages, temperature=0,
                                                max_tokens=max_tokens)
         return reply.choices[0].message.content or ""
 

@@ -69,3 +69,16 @@ def test_offline_train_refuses_a_directory_in_use(tiny_model_dir, tmp_path):
     with TrainingSession.open(model_dir, holder="livetrain serve (training worker)"):
         with pytest.raises(DirectoryInUse, match="livetrain serve"):
             train_offline(write_chats(tmp_path / "chats.jsonl"), model_dir, progress=False)
+
+
+def test_preference_pairs_train_with_orpo_when_no_loss_is_named(tiny_model_dir, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": prompt}],
+                                        "chosen": [{"role": "assistant", "content": answer}],
+                                        "rejected": [{"role": "assistant", "content": "I do not know."}]}) + "\n"
+                            for prompt, answer in CHATS))
+    model_dir = tiny_model_dir()
+    summary = train_offline(data, model_dir, lr=1e-3, progress=False)
+    assert (summary.steps, summary.applied) == (4, 4)
+    steps = [json.loads(line) for line in (model_dir / ".livetrain" / "metrics.jsonl").open()][:4]
+    assert {step["loss_kind"] for step in steps} == {"orpo"}

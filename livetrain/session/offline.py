@@ -13,20 +13,21 @@ from pathlib import Path
 
 from livetrain.options import DEFAULT_TRAIN_MODULES, TrainerOptions
 from livetrain.session.training_session import TrainingSession
-from livetrain.train.data import load_jsonl
+from livetrain.train.data import default_loss, load_jsonl
 from livetrain.train.epochs import TrainingSummary, run_epochs
 from livetrain.train.step import StepOptions
 
 
-def train_offline(data: str | os.PathLike, model_dir: str | os.PathLike, *, loss: str = "sft",
+def train_offline(data: str | os.PathLike, model_dir: str | os.PathLike, *, loss: str | None = None,
                   lr: float | None = None, epochs: int = 1, batch_size: int = 1,
                   optimizer: str = "apollo-mini", train_modules: str = DEFAULT_TRAIN_MODULES,
                   max_grad_norm: float | None = 1.0, dry_run: bool = False,
                   progress: bool = True) -> TrainingSummary:
     """Train ``model_dir`` on the JSONL file ``data``; returns what was done.
 
-    ``dry_run``: compute every loss and gradient, change nothing (no update, no sync,
-    no optimizer state, no metrics). Raises ``DataFormatError`` for a malformed line
+    ``loss``: None gives each batch its default (ORPO for preference pairs, SFT otherwise).
+    ``dry_run``: compute every loss and gradient, change nothing (no update, no sync, no
+    optimizer state, no metrics). Raises ``DataFormatError`` for a malformed line
     (before loading the model), ``DirectoryInUse`` if the directory is being served.
     """
     from transformers import AutoTokenizer
@@ -36,12 +37,14 @@ def train_offline(data: str | os.PathLike, model_dir: str | os.PathLike, *, loss
     examples = load_jsonl(data, tokenizer)
     if not examples:
         raise ValueError(f"{data} holds no training examples")
-    options = StepOptions(loss=loss, max_grad_norm=max_grad_norm, dry_run=dry_run)
     trainer = TrainerOptions(optimizer=optimizer, train_modules=train_modules, lr=lr, max_probe_drift=None)
     with TrainingSession.open(model_dir, trainer, scheduled_sync=False, holder="livetrain train (offline)") as session:
-        summary = run_epochs(examples, lambda batch: session.train(batch, options).to_dict(),
-                             epochs=epochs, batch_size=batch_size, progress=progress,
-                             desc=f"{loss} {optimizer}")
+        def step(batch):
+            options = StepOptions(loss=loss or default_loss(batch), max_grad_norm=max_grad_norm, dry_run=dry_run)
+            return session.train(batch, options).to_dict()
+
+        summary = run_epochs(examples, step, epochs=epochs, batch_size=batch_size, progress=progress,
+                             desc=f"{loss or default_loss(examples)} {optimizer}")
         if summary.applied:
             summary.sync = session.sync()
     return summary

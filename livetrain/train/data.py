@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 __all__ = ["SFTExample", "PreferenceExample", "Example", "DataFormatError", "load_jsonl",
-           "parse_record", "tokenize_chat", "tokenize_prompt_completion"]
+           "parse_record", "tokenize_chat", "tokenize_prompt_completion", "default_loss"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ class PreferenceExample:
 
 
 Example = Union[SFTExample, PreferenceExample]
+
+
+def default_loss(examples: Sequence[Example]) -> str:
+    """The loss of a batch that names none: ORPO for preference pairs (the rejected answer
+    is what the pair adds), SFT for completions."""
+    return "orpo" if isinstance(examples[0], PreferenceExample) else "sft"
 
 
 class DataFormatError(ValueError):
