@@ -114,7 +114,7 @@ def run_livetrain(args: argparse.Namespace, behaviours: Sequence[Behaviour], con
                   results: dict[str, dict]) -> None:
     """Every behaviour on one `livetrain serve`, rolled back to the untrained files after each
     configuration; fills ``results[name]["before"]`` and ``results[name][config]``."""
-    model_dir = fresh_model_copy(args.model, "bench-behaviours")
+    model_dir = fresh_model_copy(args.model, f"bench-behaviours-{args.port}")
     trainer = TrainerOptions(lr=args.lr, **({"train_modules": args.train_modules} if args.train_modules else {}))
     step_options = {} if args.orpo_lambda is None else {"orpo_lambda": args.orpo_lambda}
     options = ServeOptions(model_dir=model_dir, trainer=trainer, port=args.port, vllm_args=VLLM_ARGS)
@@ -190,7 +190,7 @@ def run_adamw(args: argparse.Namespace, behaviours: Sequence[Behaviour], results
     """Fine-tune and serve a copy per behaviour; fills ``results[name]["adamw"]`` (and
     ``"before"`` from the untrained model, where the livetrain run did not)."""
     base_dir = init_default(args.model, dtype=torch.bfloat16)
-    work = REPO / ".cache" / "bench-behaviours-adamw"
+    work = REPO / ".cache" / f"bench-behaviours-adamw-{args.port}"
     work.mkdir(parents=True, exist_ok=True)
     for behaviour in behaviours:
         row = results.setdefault(behaviour.name, {})
@@ -271,7 +271,9 @@ def main() -> None:
     parser.add_argument("--orpo-lambda", type=float, help="/train's orpo_lambda (default: the server's)")
     parser.add_argument("--adamw-lr", type=float, default=5e-5, help="the reference's learning rate (default: 5e-5)")
     parser.add_argument("--max-tokens", type=int, default=96, help="new tokens per evaluated answer (default: 96)")
-    parser.add_argument("--port", type=int, default=8193)
+    parser.add_argument("--port", type=int, default=8193,
+                        help="the servers' port; it names the work folders under .cache, so runs on "
+                             "different ports can go side by side (default: 8193)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "behaviours.json")
     args = parser.parse_args()
     configs = [c for c in CONFIGS if c in args.configs.split(",")]
