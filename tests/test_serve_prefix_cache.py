@@ -106,8 +106,15 @@ class StreamedRequest:
         finally:
             self.started.set()
 
-    def tokens(self) -> int:
-        return sum(1 for frame in self.frames for choice in frame["choices"] if choice.get("text") is not None)
+    def finished(self) -> bool:
+        return any(frame.get("usage") or any(c.get("finish_reason") for c in frame["choices"])
+                   for frame in self.frames)
+
+    def tokens(self) -> int | None:
+        """Tokens generated, from the final usage frame (a frame may carry several tokens
+        when the API server falls behind); None before it arrived."""
+        usage = [frame["usage"] for frame in self.frames if frame.get("usage")]
+        return usage[-1]["completion_tokens"] if usage else None
 
 
 @pytest.mark.vllm
@@ -123,7 +130,8 @@ def test_a_step_during_a_request_keeps_it_running_and_new_requests_off_stale_blo
                         say=lambda _: None)
     server.start()
     base, model = server.base_url, str(model_dir)
-    body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
+    body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
     try:
         assert post_json(base + "/train", {"examples": [wire(example(1))]})["applied"]  # warm the worker up
         assert cached_prompt_tokens(base, model) == 0  # first time since the step: computed
@@ -137,7 +145,7 @@ def test_a_step_during_a_request_keeps_it_running_and_new_requests_off_stale_blo
             long_request = StreamedRequest(base, body)
             assert long_request.started.wait(timeout=300) and long_request.error is None, long_request.error
             deadline = time.monotonic() + 60
-            while generations_in_flight(base) != 1 and not long_request.frames[-1]["choices"][0]["finish_reason"]:
+            while generations_in_flight(base) != 1 and not long_request.finished():
                 assert time.monotonic() < deadline, "the streaming request was never counted as in flight"
                 time.sleep(0.05)
             step = post_json(base + "/train", {"examples": [wire(example(0))]})
