@@ -12,7 +12,6 @@ Everything goes through the HTTP API, as any client would use it.
 
 from __future__ import annotations
 
-import json
 import shutil
 import textwrap
 import time
@@ -26,6 +25,7 @@ from livetrain.default_model import init_default
 from livetrain.options import TrainerOptions
 from livetrain.serve import LiveServer, ServeOptions
 from livetrain.train.behaviour import RESTATE_PREFIX, pass_rate, restates_request
+from livetrain.train.data import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 BEHAVIOUR_SET = REPO / "examples" / "restate"
@@ -83,8 +83,7 @@ def run_demo(work_dir: Path, port: int = 8000, questions: int = 10, epochs: int 
         shutil.rmtree(model_dir)
     shutil.copytree(base_model, model_dir)
     model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    prompts = [json.loads(line)["prompt"] for line in
-               (BEHAVIOUR_SET / "heldout.jsonl").read_text().splitlines() if line.strip()][:questions]
+    prompts = [record["prompt"] for _, record in read_jsonl(BEHAVIOUR_SET / "heldout.jsonl")][:questions]
     options = ServeOptions(model_dir=model_dir, trainer=TrainerOptions(lr=lr), port=port, vllm_args=VLLM_ARGS)
     figures: dict = {}
 

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from livetrain.train.data import DataFormatError, SFTExample, load_jsonl
+from livetrain.train.data import DataFormatError, SFTExample, load_jsonl, read_jsonl
 from livetrain.train.step import continuation_logprobs
 
 __all__ = ["RESTATE_PREFIX", "restates_request", "Judge", "Behaviour", "load_behaviour", "load_behaviours",
@@ -115,8 +115,9 @@ def load_behaviour(folder: str | Path) -> Behaviour:
         kind, description = spec["kind"], spec["description"]
     except (KeyError, ValueError, re.error) as error:
         raise DataFormatError(str(error), "missing or malformed", str(spec_path)) from None
-    train = _read_jsonl(folder / "train.jsonl")
-    for number, record in enumerate(train, start=1):
+    numbered = read_jsonl(folder / "train.jsonl")
+    train = [record for _, record in numbered]
+    for number, record in numbered:
         messages = record.get("messages")
         if not (isinstance(messages, list) and len(messages) == 2
                 and [m.get("role") for m in messages] == ["user", "assistant"]):
@@ -146,7 +147,7 @@ class BehaviourSet:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [record for _, record in read_jsonl(path)]
 
 
 def load_behaviour_set(folder: str | Path, tokenizer) -> BehaviourSet:

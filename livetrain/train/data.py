@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 __all__ = ["SFTExample", "PreferenceExample", "Example", "DataFormatError", "load_jsonl",
-           "parse_record", "tokenize_chat", "tokenize_prompt_completion", "default_loss"]
+           "parse_record", "read_jsonl", "tokenize_chat", "tokenize_prompt_completion", "default_loss"]
 
 
 @dataclass(frozen=True)
@@ -187,22 +187,32 @@ def parse_record(record: Any, tokenizer=None) -> Example:
     return PreferenceExample(context, answers["chosen"], answers["rejected"])
 
 
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, decoded value) of every non-blank line of a JSONL file.
+
+    Raises DataFormatError naming the file and the line that is not valid JSON.
+    """
+    records: list[tuple[int, Any]] = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataFormatError("<line>", f"not valid JSON ({e.msg})", str(path), number) from None
+    return records
+
+
 def load_jsonl(path: str | Path, tokenizer=None) -> list[Example]:
     """Read a JSONL file of training records (blank lines skipped).
 
     Raises DataFormatError naming the file, the line number and the field.
     """
     examples: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError("<line>", f"not valid JSON ({e.msg})", str(path), number) from None
-            try:
-                examples.append(parse_record(record, tokenizer))
-            except DataFormatError as e:
-                raise DataFormatError(e.field, e.reason, str(path), number) from None
+    for number, record in read_jsonl(path):
+        try:
+            examples.append(parse_record(record, tokenizer))
+        except DataFormatError as e:
+            raise DataFormatError(e.field, e.reason, str(path), number) from None
     return examples
