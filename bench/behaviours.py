@@ -21,7 +21,8 @@ change from the untrained model. Between behaviours and configurations the livet
 server rolls back to generation 0 (the untrained files), and the probe shows it did.
 
     .venv/bin/python bench/behaviours.py [--configs sft,orpo,adamw] [--behaviours NAME,...]
-        [--epochs 2] [--batch-size 1] [--lr LR] [--train-modules REGEX] [--orpo-lambda L]
+        [--epochs 2] [--batch-size 1] [--lr LR] [--train-modules REGEX] [--warmup-steps N]
+        [--orpo-lambda L]
         [--adamw-lr 5e-5] [--out bench/results/behaviours.json]
 
 Prints a table and writes bench/results/behaviours.json (with every answer).
@@ -35,7 +36,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import httpx
 import torch
@@ -111,11 +112,13 @@ def teach(client: TrainingClient, records: Sequence[dict], epochs: int, batch_si
 
 
 def run_livetrain(args: argparse.Namespace, behaviours: Sequence[Behaviour], configs: Sequence[str],
-                  results: dict[str, dict]) -> None:
+                  results: dict[str, dict], save: Callable[[], None]) -> None:
     """Every behaviour on one `livetrain serve`, rolled back to the untrained files after each
-    configuration; fills ``results[name]["before"]`` and ``results[name][config]``."""
+    configuration; fills ``results[name]["before"]`` and ``results[name][config]``, calling
+    ``save`` after each."""
     model_dir = fresh_model_copy(args.model, f"bench-behaviours-{args.port}")
-    trainer = TrainerOptions(lr=args.lr, **({"train_modules": args.train_modules} if args.train_modules else {}))
+    trainer = TrainerOptions(lr=args.lr, **({"train_modules": args.train_modules} if args.train_modules else {}),
+                             **({} if args.warmup_steps is None else {"warmup_steps": args.warmup_steps}))
     step_options = {} if args.orpo_lambda is None else {"orpo_lambda": args.orpo_lambda}
     options = ServeOptions(model_dir=model_dir, trainer=trainer, port=args.port, vllm_args=VLLM_ARGS)
     with LiveServer(options, say=lambda line: None) as server, \
@@ -137,6 +140,7 @@ def run_livetrain(args: argparse.Namespace, behaviours: Sequence[Behaviour], con
                 row[config] = {**taught, "own_answers_s": own_answers_s, "after": after,
                                "probe_logp_after_rollback": probe_logprob(base_url, behaviour.probe)}
                 report(behaviour, config, row["before"], row[config])
+                save()
 
 
 # ---- the reference: full fine-tuning with AdamW, served by plain vLLM ---------------------
@@ -186,9 +190,11 @@ def evaluate_plain(model_dir: Path, port: int, behaviour: Behaviour, max_tokens:
         return evaluate(f"http://127.0.0.1:{port}", behaviour, max_tokens)
 
 
-def run_adamw(args: argparse.Namespace, behaviours: Sequence[Behaviour], results: dict[str, dict]) -> None:
+def run_adamw(args: argparse.Namespace, behaviours: Sequence[Behaviour], results: dict[str, dict],
+              save: Callable[[], None]) -> None:
     """Fine-tune and serve a copy per behaviour; fills ``results[name]["adamw"]`` (and
-    ``"before"`` from the untrained model, where the livetrain run did not)."""
+    ``"before"`` from the untrained model, where the livetrain run did not), calling
+    ``save`` after each."""
     base_dir = init_default(args.model, dtype=torch.bfloat16)
     work = REPO / ".cache" / f"bench-behaviours-adamw-{args.port}"
     work.mkdir(parents=True, exist_ok=True)
@@ -201,6 +207,7 @@ def run_adamw(args: argparse.Namespace, behaviours: Sequence[Behaviour], results
         row["adamw"] = {**tuned, "after": evaluate_plain(trained, args.port, behaviour, args.max_tokens)}
         shutil.rmtree(trained)
         report(behaviour, "adamw", row["before"], row["adamw"])
+        save()
 
 
 # ---- reporting ---------------------------------------------------------------------------
@@ -237,21 +244,20 @@ def print_table(behaviours: Sequence[Behaviour], results: dict[str, dict], confi
                   f"{counter:>14s} {f['probe_drift']:+7.3f} {f['applied']:>3d}/{f['steps']:<2d} {f['seconds']:7.0f}")
 
 
-def target_checks(behaviours: Sequence[Behaviour], results: dict[str, dict],
-                  configs: Sequence[str]) -> dict[str, dict[str, bool]]:
+def target_checks(behaviours: Sequence[Behaviour], results: dict[str, dict]) -> dict[str, dict[str, bool]]:
     """Per behaviour, the issue's targets for livetrain's defaults (``sft``) that this run can check."""
     checks: dict[str, dict[str, bool]] = {}
-    if "sft" not in configs:
-        return checks
     for behaviour in behaviours:
-        row = results[behaviour.name]
+        row = results.get(behaviour.name, {})
+        if "sft" not in row:
+            continue
         sft = figures(row["before"], row["sft"])
         check = {"heldout_pass_at_least_80": sft["heldout_after"] >= TARGET_PASS,
                  "teach_at_most_120_s": sft["seconds"] <= TARGET_TEACH_S}
         if "counter_after" in sft:
             check["counter_change_at_least_minus_10"] = (
                 sft["counter_after"] - sft["counter_before"] >= TARGET_COUNTER_CHANGE - 1e-9)
-        if "adamw" in configs:
+        if "adamw" in row:
             adamw = figures(row["before"], row["adamw"])
             check["heldout_pass_at_least_adamw"] = sft["heldout_after"] >= adamw["heldout_after"]
             check["drift_at_most_adamw"] = abs(sft["probe_drift"]) <= abs(adamw["probe_drift"])
@@ -268,6 +274,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lr", type=float, help="livetrain serve's --lr (default: its default)")
     parser.add_argument("--train-modules", help="livetrain serve's --train-modules (default: its default)")
+    parser.add_argument("--warmup-steps", type=int, help="livetrain serve's --warmup-steps (default: its default)")
     parser.add_argument("--orpo-lambda", type=float, help="/train's orpo_lambda (default: the server's)")
     parser.add_argument("--adamw-lr", type=float, default=5e-5, help="the reference's learning rate (default: 5e-5)")
     parser.add_argument("--max-tokens", type=int, default=96, help="new tokens per evaluated answer (default: 96)")
@@ -283,27 +290,38 @@ def main() -> None:
         behaviours = [b for b in behaviours if b.name in wanted]
     started = time.perf_counter()
     results: dict[str, dict] = {}
+
+    def save() -> None:
+        """What is measured so far, written at once (an interrupted run keeps it)."""
+        write_results(args, configs, behaviours, results, time.perf_counter() - started)
+
     livetrain_configs = [c for c in configs if c != "adamw"]
     if livetrain_configs:
-        run_livetrain(args, behaviours, livetrain_configs, results)
+        run_livetrain(args, behaviours, livetrain_configs, results, save)
     if "adamw" in configs:
-        run_adamw(args, behaviours, results)
+        run_adamw(args, behaviours, results, save)
     print_table(behaviours, results, configs)
-    checks = target_checks(behaviours, results, configs)
-    for name, check in checks.items():
+    for name, check in target_checks(behaviours, results).items():
         missed = [k for k, ok in check.items() if not ok]
         print(f"{name:14s} targets (sft): {'all met' if not missed else 'missed: ' + ', '.join(missed)}")
-    seconds = time.perf_counter() - started
-    print(f"total {seconds:.0f} s")
+    print(f"total {time.perf_counter() - started:.0f} s\nwrote {args.out}")
+
+
+def write_results(args: argparse.Namespace, configs: Sequence[str], behaviours: Sequence[Behaviour],
+                  results: dict[str, dict], seconds: float) -> None:
+    """The JSON of every measured configuration (with the answers) and the targets checked."""
+    measured = {}
+    for b in behaviours:
+        row = results.get(b.name, {})
+        if "before" in row:
+            measured[b.name] = {"kind": b.kind, **row, "figures": {
+                c: figures(row["before"], row[c]) for c in configs if c in row}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": "SmolLM2-135M-Instruct", "configs": configs, "conditions": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "behaviours": {b.name: {"kind": b.kind, **results[b.name],
-                                "figures": {c: figures(results[b.name]["before"], results[b.name][c]) for c in configs}}
-                       for b in behaviours},
-        "targets": checks, "seconds": seconds}, indent=2))
-    print(f"wrote {args.out}")
+        "behaviours": measured, "targets": target_checks(behaviours, results),
+        "seconds": seconds}, indent=2))
 
 
 if __name__ == "__main__":

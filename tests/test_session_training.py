@@ -157,6 +157,37 @@ def test_rollback_restores_files_and_live_weights_and_resets_the_optimizer(tiny_
         assert session.optimizer_state == "reset by rollback"
 
 
+def first_step_size(session: TrainingSession, before: dict[str, torch.Tensor]) -> float:
+    """The largest change of any trained weight: Adam's first step moves each by about lr."""
+    return max((tensor - before[name]).abs().max().item() for name, tensor in trained(session).items())
+
+
+def test_warmup_ramps_the_lr_of_a_fresh_optimizer_state(tiny_model_dir):
+    model_dir = tiny_model_dir()
+    options = TrainerOptions(optimizer="adamw", lr=1e-3, warmup_steps=4)
+    with TrainingSession.open(model_dir, options) as session:
+        before = trained(session)
+        reports = [session.train([example(i)]) for i in range(5)]
+        assert [r.lr for r in reports] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+        assert session.train([example(5)], StepOptions(lr=2e-3)).lr == pytest.approx(2e-3)  # a step's own lr
+        session.rollback(0)  # a fresh optimizer state warms up again
+        before = trained(session)
+        report = session.train([example(0)])
+        assert report.lr == pytest.approx(2.5e-4)
+        assert first_step_size(session, before) == pytest.approx(2.5e-4, rel=0.01)
+        metrics = [json.loads(line) for line in (model_dir / ".livetrain" / "metrics.jsonl").read_text().splitlines()]
+        assert [m["lr"] for m in metrics if m["event"] == "step"][-1] == pytest.approx(2.5e-4)
+    with TrainingSession.open(model_dir, options) as session:  # the saved state resumes its warmup
+        assert session.train([example(1)]).lr == pytest.approx(5e-4)
+
+
+def test_without_warmup_the_first_step_runs_at_the_full_lr(tiny_model_dir):
+    with TrainingSession.open(tiny_model_dir(), TrainerOptions(optimizer="adamw", lr=1e-3, warmup_steps=0)) as session:
+        before = trained(session)
+        assert session.train([example(0)]).lr == pytest.approx(1e-3)
+        assert first_step_size(session, before) == pytest.approx(1e-3, rel=0.01)
+
+
 def probe_guard(max_drift: float) -> ProbeGuard:
     ex = example(20, context_len=4, continuation_len=24)
     return ProbeGuard(ex.context_ids, ex.continuation_ids, max_drift)
@@ -173,6 +204,7 @@ def test_a_step_that_moves_the_probe_too_far_is_undone_with_its_optimizer_state(
         assert all(torch.equal(before[n], t) for n, t in trained(session).items())
         assert session.optimizer.state_dict()["state"].keys() == state["state"].keys()
         assert not session.status()["dirty_since_sync"]
+        assert session.train([example(1)]).lr == report.lr  # the undone step did not count in the warmup
 
 
 def test_an_injected_huge_update_is_undone_by_the_probe(tiny_model_dir, monkeypatch):

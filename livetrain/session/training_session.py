@@ -55,6 +55,7 @@ class StepReport:
 
     loss: float | None
     tokens: int
+    lr: float  # the step's learning rate, after warmup
     grad_norm: float | None
     update_norm: float | None
     applied: bool
@@ -163,6 +164,8 @@ class TrainingSession:
         options = options or StepOptions()
         with self._mutex:
             self._check_open()
+            options = dataclasses.replace(
+                options, lr=(options.lr or self.lr) * self.options.warmup_factor(self._optimizer_steps()))
             if options.dry_run:
                 result = train_step(self.model, self.optimizer, list(examples), options,
                                     context_cache=self.context_cache)
@@ -203,6 +206,11 @@ class TrainingSession:
                     self.save_optimizer_state()
         return report
 
+    def _optimizer_steps(self) -> int:
+        """Steps the optimizer state has taken: 0 when fresh (a start without saved state,
+        a rollback), and never counting an undone step (its state is restored)."""
+        return max((int(state.get("step", 0)) for state in self.optimizer.state.values()), default=0)
+
     def _restore(self, state_before: dict[str, Any]) -> None:
         """Undo a step: the trained weights from the step undo's copies, the optimizer state
         (its moments may have advanced, or become non-finite) from before it."""
@@ -213,7 +221,7 @@ class TrainingSession:
                 request_id: str | None) -> StepReport:
         """The step's report, kept in ``recent`` and (unless a dry run) the metrics log."""
         report = StepReport(
-            loss=_finite_or_none(result.loss), tokens=int(result.tokens), grad_norm=_finite_or_none(result.grad_norm),
+            loss=_finite_or_none(result.loss), tokens=int(result.tokens), lr=options.lr, grad_norm=_finite_or_none(result.grad_norm),
             update_norm=_finite_or_none(result.update_norm), applied=result.applied, reason=result.reason,
             seconds=float(result.seconds), cache_hits=int(result.cache_hits), weights_version=self.weights_version,
             changed_tensors=list(self.trainable) if wrote else [], dry_run=options.dry_run,
@@ -222,7 +230,7 @@ class TrainingSession:
         with self._recent_lock:
             self.recent.append(summary)
         if not options.dry_run:
-            self._log("step", loss_kind=options.loss, lr=options.lr or self.lr, **summary)
+            self._log("step", loss_kind=options.loss, **summary)
         return report
 
     def logprobs(self, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> list[float]:
