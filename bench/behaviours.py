@@ -49,7 +49,7 @@ from bench.common import add_model_argument, fresh_model_copy, plain_vllm, wait_
 from livetrain.client import TrainingClient  # noqa: E402
 from livetrain.default_model import init_default  # noqa: E402
 from livetrain.demo import ask  # noqa: E402
-from livetrain.options import TrainerOptions  # noqa: E402
+from livetrain.options import DEFAULT_TRAIN_MODULES, DEFAULT_WARMUP_STEPS, TrainerOptions  # noqa: E402
 from livetrain.serve import LiveServer, ServeOptions  # noqa: E402
 from livetrain.train.behaviour import Behaviour, load_behaviours, pass_rate  # noqa: E402
 from livetrain.train.data import parse_record  # noqa: E402
@@ -117,8 +117,7 @@ def run_livetrain(args: argparse.Namespace, behaviours: Sequence[Behaviour], con
     configuration; fills ``results[name]["before"]`` and ``results[name][config]``, calling
     ``save`` after each."""
     model_dir = fresh_model_copy(args.model, f"bench-behaviours-{args.port}")
-    trainer = TrainerOptions(lr=args.lr, **({"train_modules": args.train_modules} if args.train_modules else {}),
-                             **({} if args.warmup_steps is None else {"warmup_steps": args.warmup_steps}))
+    trainer = TrainerOptions(lr=args.lr, train_modules=args.train_modules, warmup_steps=args.warmup_steps)
     step_options = {} if args.orpo_lambda is None else {"orpo_lambda": args.orpo_lambda}
     options = ServeOptions(model_dir=model_dir, trainer=trainer, port=args.port, vllm_args=VLLM_ARGS)
     with LiveServer(options, say=lambda line: None) as server, \
@@ -273,8 +272,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lr", type=float, help="livetrain serve's --lr (default: its default)")
-    parser.add_argument("--train-modules", help="livetrain serve's --train-modules (default: its default)")
-    parser.add_argument("--warmup-steps", type=int, help="livetrain serve's --warmup-steps (default: its default)")
+    parser.add_argument("--train-modules", default=DEFAULT_TRAIN_MODULES,
+                        help="livetrain serve's --train-modules (default: its default)")
+    parser.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS,
+                        help=f"livetrain serve's --warmup-steps (default: its default, {DEFAULT_WARMUP_STEPS})")
     parser.add_argument("--orpo-lambda", type=float, help="/train's orpo_lambda (default: the server's)")
     parser.add_argument("--adamw-lr", type=float, default=5e-5, help="the reference's learning rate (default: 5e-5)")
     parser.add_argument("--max-tokens", type=int, default=96, help="new tokens per evaluated answer (default: 96)")

@@ -99,7 +99,8 @@ class TrainerOptions:
     def to_argv(self) -> list[str]:
         """The flags `from_args` reads back as these options."""
         argv = ["--optimizer", self.optimizer, "--train-modules", self.train_modules,
-                "--sync-interval", repr(self.sync_interval_s), "--warmup-steps", str(self.warmup_steps), "--max-probe-drift", repr(self.max_probe_drift or 0)]
+                "--sync-interval", repr(self.sync_interval_s), "--warmup-steps", str(self.warmup_steps),
+                "--max-probe-drift", repr(self.max_probe_drift or 0)]
         if self.lr is not None:
             argv += ["--lr", repr(self.lr)]
         return argv

@@ -221,8 +221,8 @@ class TrainingSession:
                 request_id: str | None) -> StepReport:
         """The step's report, kept in ``recent`` and (unless a dry run) the metrics log."""
         report = StepReport(
-            loss=_finite_or_none(result.loss), tokens=int(result.tokens), lr=options.lr, grad_norm=_finite_or_none(result.grad_norm),
-            update_norm=_finite_or_none(result.update_norm), applied=result.applied, reason=result.reason,
+            loss=_finite_or_none(result.loss), tokens=int(result.tokens), lr=options.lr,
+            grad_norm=_finite_or_none(result.grad_norm), update_norm=_finite_or_none(result.update_norm), applied=result.applied, reason=result.reason,
             seconds=float(result.seconds), cache_hits=int(result.cache_hits), weights_version=self.weights_version,
             changed_tensors=list(self.trainable) if wrote else [], dry_run=options.dry_run,
             probe_drift=_finite_or_none(probe_drift), request_id=request_id)
